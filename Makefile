@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh clone:
+#   make test   set up .venv (torch, triton, the package with its compiled extension), run all tests
+#   make demo   same set-up, then run the main job
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.mixkernels-installed
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PYTEST_FLAGS ?= -q -p no:cacheprovider
+
+.PHONY: setup test test-cpu test-triton demo bench lint clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (whatever `pip install torch` resolves to), then the package against it without
+# build isolation, so the extension is compiled for the torch that is installed.
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q torch triton numpy
+	$(PIP) install -q --no-build-isolation -e ".[train,test]"
+	$(PY) -m mixkernels.info
+	touch $(STAMP)
+
+test: setup test-cpu test-triton
+
+test-cpu: setup
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not triton" tests
+
+# Triton kernels run under the interpreter on CPU tensors, in their own process.
+test-triton: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton tests; \
+	  status=$$?; if [ $$status -eq 5 ]; then echo "no triton tests collected"; status=0; fi; exit $$status
+
+demo: setup
+	$(PY) -m mixkernels.info --selftest
+
+bench: setup
+	$(PY) bench/bench_segment_sum.py
+
+lint: setup
+	$(PY) -m ruff check mixkernels mixtrain tests bench
+
+clean:
+	rm -rf build *.egg-info mixkernels/_C*.so mixkernels/_build_info.json

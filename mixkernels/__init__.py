@@ -1,0 +1,15 @@
+"""mixkernels: kernels for dynamic data mixing, registered as ``torch.library`` ops.
+
+``import mixkernels`` loads the compiled extension when it is built and matches this torch; it
+never imports triton or deepspeed and never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+from . import _library  # noqa: F401  (defines the op schemas first)
+from . import _extension
+from ._backend import backend
+from .ops import segment_sum
+
+__version__ = "0.1.0"
+__all__ = ["backend", "segment_sum", "__version__"]
