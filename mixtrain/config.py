@@ -81,7 +81,8 @@ class DataConfig:
         max_length: truncate tokenised examples to this many tokens.
         train_on_prompt: also train on prompt tokens (default: response tokens only).
         packing: concatenate examples of the same domain into ``max_length`` rows.
-        builtin_size: number of examples per generated built-in (sub-)domain.
+        builtin_size: examples per generated built-in (sub-)domain; an int, or a mapping
+            ``{name: n}`` where ``name`` is a domain, a skill family (``lego``) or ``"*"``.
         builtin_seed: seed of the built-in corpus generator.
         with_replacement: sample examples with replacement instead of epoch permutations.
         exhaustion: ``cycle`` | ``stop`` | ``max_epochs``; a dict ``{domain: policy}`` sets it
@@ -96,7 +97,7 @@ class DataConfig:
     max_length: int = 128
     train_on_prompt: bool = False
     packing: bool = False
-    builtin_size: int = 400
+    builtin_size: Union[int, dict[str, int]] = 400
     builtin_seed: int = 0
     with_replacement: bool = False
     exhaustion: Union[str, dict[str, str]] = "cycle"
@@ -285,8 +286,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.dev_fraction: got {d.dev_fraction}, expected a value in [0, 1)")
     if d.max_length < 4:
         raise ConfigError(f"data.max_length: got {d.max_length}, expected >= 4")
-    if d.builtin_size < 2:
-        raise ConfigError(f"data.builtin_size: got {d.builtin_size}, expected >= 2")
+    bs = d.builtin_size if isinstance(d.builtin_size, dict) else {"*": d.builtin_size}
+    for k, v in bs.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+            raise ConfigError(f"data.builtin_size[{k}]: got {v!r}, expected an integer >= 2")
     if d.max_epochs < 1:
         raise ConfigError(f"data.max_epochs: got {d.max_epochs}, expected >= 1")
     ex = d.exhaustion if isinstance(d.exhaustion, dict) else {"*": d.exhaustion}
@@ -373,8 +376,8 @@ def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
         "model": {"config": dict(TINY_LLAMA), "tokenizer": "byte"},
         "data": {
             "builtin": ["code", "docs", "math", "lego", "addition"],
-            "max_length": 128,
-            "builtin_size": 300,
+            "max_length": 256,
+            "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
             "dev_fraction": 0.05,
         },
         "mixing": {"policy": "temperature", "params": {"temperature": 2.0}},

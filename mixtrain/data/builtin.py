@@ -24,7 +24,7 @@ import importlib.util
 import inspect
 import textwrap
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -243,6 +243,18 @@ def _expand(names: list[str]) -> Iterator[str]:
             yield n
 
 
-def builtin_domains(names: list[str], *, size: int, seed: int) -> list[tuple[str, list[Record]]]:
-    """Expand ``lego``/``addition`` into skills and generate every requested domain."""
-    return [(n, generate(n, size, seed)) for n in _expand(names)]
+def _size_for(name: str, size: int | Mapping[str, int]) -> int:
+    if isinstance(size, int):
+        return size
+    family = name.partition("_")[0]
+    for key in (name, family, "*"):
+        if key in size:
+            return int(size[key])
+    return 400
+
+
+def builtin_domains(names: list[str], *, size: int | Mapping[str, int], seed: int) -> list[tuple[str, list[Record]]]:
+    """Expand ``lego``/``addition`` into skills and generate every requested domain.
+
+    ``size``: examples per domain, or ``{domain | family | "*": n}`` (default 400)."""
+    return [(n, generate(n, _size_for(n, size), seed)) for n in _expand(names)]

@@ -176,7 +176,7 @@ def load_domains(
     domains: dict[str, Any],
     *,
     dev_fraction: float,
-    builtin_size: int,
+    builtin_size: int | dict[str, int],
     builtin_seed: int,
 ) -> list[Domain]:
     """Load every configured domain; order = built-ins (as listed) then ``domains`` (as listed).
