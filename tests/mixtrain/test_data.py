@@ -9,7 +9,13 @@ import re
 import pytest
 
 from mixtrain.data import (
-    ByteTokenizer, DataError, collate, encode_messages, generate, load_domains, load_path,
+    ByteTokenizer,
+    DataError,
+    collate,
+    encode_messages,
+    generate,
+    load_domains,
+    load_path,
 )
 from mixtrain.data.sources import split_dev
 
@@ -23,7 +29,7 @@ def test_builtin_is_deterministic_and_seeded():
 
 
 def _resolve_lego(prompt: str) -> dict[str, int]:
-    clauses, question = prompt.split(". What is ")
+    clauses, _question = prompt.split(". What is ")
     env: dict[str, int] = {}
     rules = [c.split(" = ") for c in clauses.split("; ")]
     while len(env) < len(rules):
@@ -61,7 +67,7 @@ def test_math_worked_answers_are_correct():
         lines = r.messages[1][1].splitlines()
         for line in lines[:-1]:
             expr, res = line.replace(" per day", "").split(" = ")
-            assert eval(expr, {}) == int(res)  # noqa: S307 - our own generated arithmetic
+            assert eval(expr, {}) == int(res)
         assert lines[-1] == f"Answer: {lines[-2].split(' = ')[1].split()[0]}"
 
 
