@@ -10,6 +10,8 @@ from . import _library  # noqa: F401  (defines the op schemas first)
 from . import _extension
 from ._backend import backend
 from .ops import segment_sum
+from .ops import RouterStats, load_balancing_loss, router_stats
 
 __version__ = "0.1.0"
 __all__ = ["backend", "segment_sum", "__version__"]
+__all__ += ["RouterStats", "load_balancing_loss", "router_stats"]

@@ -31,6 +31,22 @@ SCHEMAS: dict[str, str] = {
         "segment_sum_triton(Tensor values, Tensor segment_ids, int num_segments, Tensor? mask=None) "
         "-> (Tensor, Tensor)"
     ),
+    # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
+    # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
+    # public RouterStats names them. The backward op is shared by both backends (one fused pass
+    # recomputing the softmax).
+    "router_stats": (
+        "router_stats(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, Tensor? mask=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_triton": (
+        "router_stats_triton(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, "
+        "Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_backward": (
+        "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
+        "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
+    ),
 }
 
 for _schema in SCHEMAS.values():
@@ -66,6 +82,15 @@ OPS: dict[str, OpInfo] = {
         why=(
             "CUDA: the C++ kernel bins into shared memory per block and flushes once, "
             "where the Triton kernel issues one global atomic per element"
+        ),
+    ),
+    "router_stats": OpInfo(
+        "router_stats",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CUDA: the C++ kernel keeps one token's E logits in a warp's registers, selects top-k with "
+            "warp shuffles and bins [G, E] per block in shared memory; the Triton kernel handles a "
+            "token tile per program with global atomics"
         ),
     ),
 }
