@@ -68,6 +68,22 @@ SCHEMAS: dict[str, str] = {
         "cross_entropy_backward_triton(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, "
         "int ignore_index, float label_smoothing) -> Tensor"
     ),
+    # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
+    # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
+    # public RouterStats names them. The backward op is shared by both backends (one fused pass
+    # recomputing the softmax).
+    "router_stats": (
+        "router_stats(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, Tensor? mask=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_triton": (
+        "router_stats_triton(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, "
+        "Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_backward": (
+        "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
+        "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
+    ),
 }
 
 for _schema in SCHEMAS.values():
@@ -118,5 +134,14 @@ OPS: dict[str, OpInfo] = {
         "cross_entropy",
         auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
         why="same fused per-row kernel as linear_ce, applied to given logits",
+    ),
+    "router_stats": OpInfo(
+        "router_stats",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CUDA: the C++ kernel keeps one token's E logits in a warp's registers, selects top-k with "
+            "warp shuffles and bins [G, E] per block in shared memory; the Triton kernel handles a "
+            "token tile per program with global atomics"
+        ),
     ),
 }

@@ -2,6 +2,15 @@
 
 from .cross_entropy import cross_entropy
 from .linear_ce import CrossEntropyOutput, linear_cross_entropy
+from .router_stats import RouterStats, load_balancing_loss, router_stats
 from .segment_sum import segment_sum
 
-__all__ = ["CrossEntropyOutput", "cross_entropy", "linear_cross_entropy", "segment_sum"]
+__all__ = [
+    "CrossEntropyOutput",
+    "RouterStats",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "load_balancing_loss",
+    "router_stats",
+    "segment_sum",
+]
