@@ -9,7 +9,13 @@ from __future__ import annotations
 from . import _library  # noqa: F401  (defines the op schemas first)
 from . import _extension
 from ._backend import backend
+from .grad_projector import GradientProjector
+from .grad_store import GradientStore
 from .ops import (
+    factored_sketch,
+    lift,
+    project,
+    projection_matrix,
     CrossEntropyOutput,
     RouterStats,
     cross_entropy,
@@ -31,3 +37,4 @@ __all__ = [
     "segment_sum",
     "__version__",
 ]
+__all__ += ["project", "lift", "projection_matrix", "factored_sketch", "GradientProjector", "GradientStore"]
