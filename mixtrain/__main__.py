@@ -1,0 +1,49 @@
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR}``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU here; DeepSpeed must not probe CUDA
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m mixtrain", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p = sub.add_parser("demo", help="the embedded default: tiny Llama, built-in corpus")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p = sub.add_parser("report", help="regenerate report.png from a run directory")
+    p.add_argument("run_dir")
+    args = parser.parse_args(argv)
+
+    from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
+
+    try:
+        if args.cmd == "report":
+            from .report import make_report
+
+            print(make_report(args.run_dir))
+            return 0
+        if args.cmd == "train":
+            cfg = load_config(args.config, args.overrides)
+        else:
+            cfg = from_dict(apply_overrides(demo_config(), args.overrides))
+        from .loop import train
+
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"output: {summary['output_dir']} (metrics.jsonl, report.png, schedule.json)")
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
