@@ -232,3 +232,21 @@ def test_router_stats_signal_on_tiny_moe(tmp_path):
     assert e["shape"] == [2, 3, 4]
     for layer in e["per_layer_domain_totals"]:
         assert layer == [e["top_k"] * n for n in e["input_tokens"]]
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size(reference, tmp_path):
+    """A 1-rank checkpoint (step 6) resumed by 2 ranks continues the same global sample stream."""
+    import shutil
+
+    _, ref_cfg, ref_run = reference
+    run = tmp_path / "ws"
+    shutil.copytree(ref_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    _train(ref_cfg, f"output_dir={run}", "train.micro_batch_size=2", nproc=2)
+    got, want = _metrics(run), _metrics(ref_run)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert got[:6] == want[:6]
+    for g, w in zip(got[6:], want[6:]):
+        assert (g["samples"], g["tokens"], g["domain_fraction"]) == (w["samples"], w["tokens"], w["domain_fraction"])
+        assert g["loss"] == pytest.approx(w["loss"], rel=2e-4)
