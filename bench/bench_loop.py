@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
     a = ap.parse_args()
     if a.tiny:
         a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup = 32, 1, 208, 2, 1, 6, 2
@@ -225,7 +226,10 @@ def main() -> None:
     h.row(case=case, impl="step with per-domain signals", seconds=sig["groups"], baseline="same step, no groups",
           baseline_seconds=sig["nogroups"],
           signal_overhead_pct=round(100 * (sig["groups"] - sig["nogroups"]) / sig["nogroups"], 2))
-    h.finish()
+    if a.no_csv:
+        print(h.table())
+    else:
+        h.finish()
 
 
 if __name__ == "__main__":
