@@ -71,11 +71,11 @@ def child_hf(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+    from mixtrain import policies
     from mixtrain.config import from_dict
     from mixtrain.data import ByteTokenizer, encode_domains, load_domains
     from mixtrain.engine import build_ds_config
     from mixtrain.hf import MixtureCallback, MixtureDataset
-    from mixtrain import policies
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(29500 + os.getpid() % 1000))
@@ -182,7 +182,7 @@ def child_signals(a: argparse.Namespace) -> None:
 
 def _run_child(kind: str, argv: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, env=env, check=False,
                        cwd=ROOT)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT="):
