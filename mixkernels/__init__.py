@@ -9,7 +9,9 @@ from __future__ import annotations
 from . import _library  # noqa: F401  (defines the op schemas first)
 from . import _extension
 from ._backend import backend
-from .ops import segment_sum
+from .ops import CrossEntropyOutput, cross_entropy, linear_cross_entropy, segment_sum
 
 __version__ = "0.1.0"
-__all__ = ["backend", "segment_sum", "__version__"]
+__all__ = [
+    "CrossEntropyOutput", "backend", "cross_entropy", "linear_cross_entropy", "segment_sum", "__version__",
+]

@@ -211,13 +211,18 @@ class LossModel(torch.nn.Module):
             self._hidden = h.detach() if h is not None else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                domain_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+                domain_ids: torch.Tensor, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """``loss_scale`` given: ``loss = loss_scale * sum of token losses`` (the loop passes
+        ``grad_accum * world / global label tokens`` so gradients are those of the global
+        token-mean, whatever the split over ranks and micro-steps); else the batch mean."""
         from .signals import causal_lm_loss
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain_ids": domain_ids}
         self._hidden = None
-        out = causal_lm_loss(self.model, batch, self.num_domains, return_token_loss=self.return_token_loss)
-        res = {"loss": out.loss, "group_loss": out.group_loss, "group_count": out.group_count}
+        out = causal_lm_loss(self.model, batch, self.num_domains, return_token_loss=self.return_token_loss,
+                             reduction="mean" if loss_scale is None else "sum")
+        loss = out.loss if loss_scale is None else out.loss * loss_scale
+        res = {"loss": loss, "group_loss": out.group_loss, "group_count": out.group_count}
         if out.token_loss is not None:
             res["token_loss"] = out.token_loss
         if self._hidden is not None:

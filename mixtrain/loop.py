@@ -170,6 +170,9 @@ def train(cfg: Config) -> dict[str, Any]:
                          packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
     names = [d.name for d in enc]
     sizes = [d.size for d in enc]
+    # label tokens per training row (after the causal shift): lets every rank compute the global
+    # batch's token count locally, since every rank knows the whole global batch
+    label_counts = [np.array([sum(1 for x in lab[1:] if x != -100) for _, lab in d.train]) for d in enc]
     log.info("domains: %s", ", ".join(f"{n}={s}" for n, s in zip(names, sizes)))
 
     # ---- policy (validated before the model is built: errors come fast) -----------------------
@@ -322,9 +325,13 @@ def train(cfg: Config) -> dict[str, Any]:
             log.info("stopping at step %d: %s", step, e)
             stopped = True
             break
+        n_global = sum(int(label_counts[d][e]) for d, e in zip(gb.domains.tolist(), gb.examples.tolist()))
+        # DeepSpeed divides by grad_accum and averages over ranks; this scale undoes both so the
+        # gradient is that of the mean over all label tokens of the global batch
+        scale = t.grad_accum * info.world_size / max(1, n_global)
         for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum):
             batch = make_batch(rows)
-            res = engine(**batch)
+            res = engine(**batch, loss_scale=scale)
             engine.backward(res["loss"])
             engine.step()
             bus.add_micro(batch, LossOutput(res["loss"], res["group_loss"], res["group_count"],

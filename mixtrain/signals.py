@@ -60,6 +60,7 @@ def _shim_causal_lm_loss(
     group_ids: torch.Tensor,
     num_groups: int,
     return_token_loss: bool,
+    reduction: str = "mean",
 ) -> LossOutput:
     # TEMPORARY SHIM, used only while mixkernels.hf.causal_lm_loss is not installed: same
     # outputs computed with materialised logits.
@@ -71,7 +72,7 @@ def _shim_causal_lm_loss(
     ).view_as(target)
     valid = target != -100
     count = valid.sum()
-    loss = tok.sum() / count.clamp_min(1)
+    loss = tok.sum() / count.clamp_min(1) if reduction == "mean" else tok.sum()
     rows = tok.detach().sum(1)
     gl = torch.zeros(num_groups, dtype=torch.float32).index_add_(0, group_ids, rows.float())
     gc = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, group_ids, valid.sum(1))
@@ -84,8 +85,10 @@ def causal_lm_loss(
     num_groups: int,
     *,
     return_token_loss: bool = False,
+    reduction: str = "mean",
 ) -> LossOutput:
-    """Mean token loss of a collated batch plus per-domain sums (HF label shift).
+    """Token loss of a collated batch (``reduction`` ``mean`` or ``sum`` over label tokens) plus
+    per-domain sums (HF label shift).
 
     Uses ``mixkernels.hf.causal_lm_loss`` (fused, logits never materialised) with per-row
     ``group_ids`` = ``batch["domain_ids"]``.
@@ -96,13 +99,13 @@ def causal_lm_loss(
 
         out = mkhf.causal_lm_loss(
             model, ids, attention_mask=mask, labels=labels, group_ids=groups,
-            num_groups=num_groups, reduction="mean", return_token_loss=return_token_loss,
+            num_groups=num_groups, reduction=reduction, return_token_loss=return_token_loss,
         )
         return LossOutput(
             out.loss, out.group_loss.detach().float(), out.group_count.to(torch.int64),
             getattr(out, "token_loss", None) if return_token_loss else None,
         )
-    return _shim_causal_lm_loss(model, ids, mask, labels, groups, num_groups, return_token_loss)
+    return _shim_causal_lm_loss(model, ids, mask, labels, groups, num_groups, return_token_loss, reduction)
 
 
 @dataclass
