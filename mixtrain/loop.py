@@ -383,6 +383,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "domain_fraction": sampler.fractions(),
                 "step_time": win_time / win_steps,
                 "policy_time": win_policy_time / win_steps,
+                "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
