@@ -44,7 +44,7 @@ from .engine import build_model
 from .sampler import MixtureSampler
 from .signals import causal_lm_loss, dev_losses
 
-__all__ = ["learn_graph", "graph_from_losses", "plot_graph"]
+__all__ = ["graph_from_losses", "learn_graph", "plot_graph"]
 
 log = logging.getLogger("mixtrain")
 

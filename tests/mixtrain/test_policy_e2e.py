@@ -73,7 +73,7 @@ def _metrics(out: Path, drop_times: bool = True) -> list[dict[str, Any]]:
 
 
 def _policy_state(out: Path) -> dict[str, Any]:
-    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    last = max((out / "checkpoints").glob("step-*"))
     return json.loads((last / "mixtrain_state.json").read_text())["policy"]
 
 
@@ -116,13 +116,14 @@ def test_doremi_writes_average_weights(runs):
 def test_dynamic_moe_froze_only_routers(runs):
     # the routers' weights are identical in the final checkpoint and at initialisation
     import torch
+
     from mixtrain.config import from_dict
     from mixtrain.engine import build_model
 
     st = _policy_state(runs["dynamic_moe"])
     assert st["last_counts"] is not None and len(st["last_counts"]) == 3
     model = build_model(from_dict(_cfg("dynamic_moe", runs["dynamic_moe"], 6)), 259)
-    ckpt = sorted((runs["dynamic_moe"] / "checkpoints").glob("step-*"))[-1] / "ds"
+    ckpt = max((runs["dynamic_moe"] / "checkpoints").glob("step-*")) / "ds"
     files = list(ckpt.glob("*model_states.pt"))
     sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     init = dict(model.named_parameters())

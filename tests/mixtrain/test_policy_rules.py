@@ -191,7 +191,7 @@ def test_skillit_policy_cadence_and_l0():
     close(w0, _softmax([0.75, 0.75, 0.5]))
 
     class S:
-        domain_names = ["a", "b", "c"]
+        domain_names = ("a", "b", "c")
 
         def __init__(self, v):
             self.dev_domain_loss = np.array(v)
