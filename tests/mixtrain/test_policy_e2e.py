@@ -141,3 +141,35 @@ def test_resume_equals_uninterrupted(runs, case, tmp_path):
     assert json.loads((out / "schedule.json").read_text()) == json.loads((runs[case] / "schedule.json").read_text())
     assert _policy_state(out) == _policy_state(runs[case])
     assert summary["weights"] == [*_metrics(runs[case])[-1]["weights"].values()]
+
+
+@pytest.mark.slow
+def test_dynamic_moe_two_ranks_zero3_probe_is_sharded_not_duplicated(runs, tmp_path):
+    """2 ranks under torchrun, ZeRO-3: the dev probe is split across ranks and all-reduced, so
+    every domain's routed-assignment total (top_k × probe tokens × layers) equals the 1-rank run's,
+    and the weights stay valid and identical on both ranks (rank 0's are broadcast)."""
+    import socket
+    import subprocess
+    import sys
+
+    cfg = _cfg("dynamic_moe", tmp_path / "r2", 2)
+    cfg["train"]["zero_stage"] = 3
+    cfg["train"]["micro_batch_size"] = 2                      # same global batch (2 × 2 ranks = 4)
+    p = tmp_path / "r2.yaml"
+    p.write_text(json.dumps(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "mixtrain", "train", str(p)], check=False, cwd=repo, env=env,
+                       capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    two = np.array(_policy_state(tmp_path / "r2")["last_counts"])
+    one = np.array(_policy_state(runs["dynamic_moe"])["last_counts"])
+    np.testing.assert_array_equal(two.sum(1), one.sum(1))
+    w = np.array(list(_metrics(tmp_path / "r2")[-1]["weights"].values()))
+    assert abs(w.sum() - 1) < 1e-12 and (w > 0.05 / 3 - 1e-12).all()

@@ -462,3 +462,52 @@ def test_all_policies_registered():
     assert policies.get("odm").required_signals == frozenset({"train_domain_loss"})
     assert policies.get("mos").required_signals == frozenset()
     assert policies.get("skillit").required_signals == frozenset({"dev_domain_loss"})
+
+
+def test_doremi_reference_losses_start_and_checkpoint(tmp_path):
+    import transformers
+
+    # "start": token-weighted mean over the fixed pool of the per-example losses forward_losses gives
+    lab = {0: torch.tensor([[-100, 5, 6, -100]]), 1: torch.tensor([[-100, 5, 6, 7]])}  # 2 and 3 label tokens
+
+    def batches(d, idx, split="train"):
+        b = len(idx)
+        return {"input_ids": torch.full((b, 4), 3), "attention_mask": torch.ones(b, 4, dtype=torch.long),
+                "labels": lab[d].expand(b, 4).clone(), "domain_ids": torch.full((b,), d)}
+
+    per_row = {0: 1.5, 1: 0.5}
+    ctx = PolicyContext(domain_names=["a", "b"], domain_sizes=[3, 5], model=object(), batches=batches,
+                        forward_losses=lambda b: torch.full((b["input_ids"].shape[0],), per_row[int(b["domain_ids"][0])]))
+    pol = policies.get("doremi", ref_pool_size=4, ref_batch_size=3)
+    pol.setup(ctx)
+    close(pol.ref_loss, [1.5, 0.5])
+    # a reference checkpoint: the losses are that model's mean token NLL on the same pool
+    cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg)
+    ref.save_pretrained(tmp_path / "ref")
+    ctx.model = ref
+    pol = policies.get("doremi", reference=str(tmp_path / "ref"), ref_pool_size=2)
+    pol.setup(ctx)
+    with torch.no_grad():
+        logits = ref(input_ids=torch.full((1, 4), 3)).logits[0, :-1]
+    nll = -torch.log_softmax(logits.double(), -1)
+    close(pol.ref_loss, [float(nll[1, 6] + nll[0, 5]) / 2, float(nll[0, 5] + nll[1, 6] + nll[2, 7]) / 3], tol=1e-5)
+    with pytest.raises(ValueError, match="neither 'start' nor an existing checkpoint directory"):
+        policies.get("doremi", reference=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("name", ["mos", "skillit", "dynamic_moe", "doremi", "odm"])
+def test_shipped_configs_parse_and_build_their_policy(name):
+    from pathlib import Path
+
+    from mixtrain.config import demo_config, from_dict, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    assert cfg.mixing.policy == name
+    pol = policies.get(cfg.mixing.policy, **cfg.mixing.params)
+    pol.update_every = cfg.mixing.update_every
+    assert pol.name == name
+    demo = from_dict(demo_config())
+    assert demo.mixing.policy == "mos" and demo.mixing.params["reward"] == "diff" and demo.mixing.params["use_ema"]
