@@ -1,4 +1,5 @@
-"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR}``."""
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
+skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...]}``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
+    p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per short run (default 10)")
+    p.add_argument("--mode", choices=["binary", "real"], default="binary", help="edge values (default binary)")
+    p.add_argument("--out", default=None, help="output directory (default <output_dir>_graph)")
     args = parser.parse_args(argv)
 
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
@@ -29,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             from .report import make_report
 
             print(make_report(args.run_dir))
+            return 0
+        if args.cmd == "skillit-graph":
+            import logging
+
+            from .skillit_graph import learn_graph
+
+            logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+            res = learn_graph(load_config(args.config, args.overrides), steps=args.steps, mode=args.mode, out=args.out)
+            print(f"graph: {res['output_dir']}/skillit_graph.json (+ .npy, .png)")
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)

@@ -381,7 +381,7 @@ def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
             "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
             "dev_fraction": 0.05,
         },
-        "mixing": {"policy": "temperature", "params": {"temperature": 2.0}},
+        "mixing": {"policy": "mos", "update_every": 20, "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 32}},
         "train": {
             "steps": 120,
             "micro_batch_size": 8,

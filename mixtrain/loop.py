@@ -189,6 +189,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- model + DeepSpeed ------------------------------------------------------------------
     model = build_model(cfg, tok.vocab_size)
+    policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
     wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
@@ -385,6 +386,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "domain_fraction": sampler.fractions(),
                 "step_time": win_time / win_steps,
                 "policy_time": win_policy_time / win_steps,
+                "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
@@ -410,6 +412,7 @@ def train(cfg: Config) -> dict[str, Any]:
         from .report import export_schedule, make_report
 
         export_schedule(out, names, history)
+        policy.on_train_end(out, step)
         try:
             make_report(out)
         except Exception as e:  # noqa: BLE001 - a plotting problem must not fail a finished run
