@@ -1,4 +1,5 @@
-"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR}``."""
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
+gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...]}``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
+    for name, text in (("gradex", "GradEx: meta-train, projected gradients, subset estimates, task selection"),
+                       ("gradex-validate", "GradEx: fine-tune a few subsets for real and compare with estimates")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     args = parser.parse_args(argv)
 
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
@@ -29,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
             from .report import make_report
 
             print(make_report(args.run_dir))
+            return 0
+        if args.cmd in ("gradex", "gradex-validate"):
+            from .gradex import format_validation, run_gradex, run_validate
+
+            cfg = load_config(args.config, args.overrides)
+            if args.cmd == "gradex":
+                sel = run_gradex(cfg)
+                print(f"selected {len(sel['tasks'])} task(s): {', '.join(sel['tasks'])}")
+                print(f"outputs: {cfg.output_dir}/gradex (task_scores.json, selection.json, report.png)")
+            else:
+                print(format_validation(run_validate(cfg)))
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
