@@ -30,6 +30,7 @@ Scoring (higher is better, see objective.py):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,7 @@ class Lifter:
 
     Built from a store's metadata alone (projections are pure functions of the seed)."""
 
-    def __init__(self, meta: dict[str, Any], nnz: int = 4) -> None:
+    def __init__(self, meta: dict[str, Any], nnz: int = 4, cache_dir: Any = None) -> None:
         self.meta = meta
         self.kind = meta["projection"]
         self.dim = int(meta["dim"])
@@ -85,6 +86,7 @@ class Lifter:
         self.seed = int(meta["projection_seed"])
         self.nnz = nnz
         self._gram: np.ndarray | None = None
+        self.cache = None if cache_dir is None else Path(cache_dir) / f"gram-{self.kind}-{self.seed}-{self.dim}.npy"
 
     def _factored(self) -> list[tuple[int, list[int], torch.Tensor, torch.Tensor]]:
         from mixkernels import projection_matrix
@@ -116,15 +118,21 @@ class Lifter:
         return torch.cat(parts, dim=-1)
 
     def gram(self) -> np.ndarray:
-        """``RᵀR`` float64 ``[K, K]`` (computed once, in row blocks of R)."""
-        if self._gram is not None:
-            return self._gram
+        """``RᵀR`` float64 ``[K, K]`` (computed once, in row blocks of R; cached beside the store)."""
+        if self._gram is None and self.cache is not None and self.cache.exists():
+            self._gram = np.load(self.cache)
+        if self._gram is None:
+            self._gram = self._compute_gram()
+            if self.cache is not None:
+                np.save(self.cache, self._gram)
+        return self._gram
+
+    def _compute_gram(self) -> np.ndarray:
         import mixkernels
 
         if self.kind == "factored":
             blocks = [torch.kron(p_out.T @ p_out, p_in.T @ p_in) for _, _, p_in, p_out in self._factored()]
-            self._gram = torch.block_diag(*blocks).numpy()
-            return self._gram
+            return torch.block_diag(*blocks).numpy()
         eye = torch.eye(self.dim, dtype=torch.float32)
         g = np.zeros((self.dim, self.dim))
         chunk = max(1, (1 << 24) // self.dim)
@@ -132,7 +140,6 @@ class Lifter:
             n = min(chunk, self.num_params - off)
             rt = mixkernels.lift(eye, n, seed=self.seed, kind=self.kind, nnz=self.nnz, row_offset=off).double()
             g += (rt @ rt.T).numpy()
-        self._gram = g
         return g
 
     def norms(self, w: np.ndarray) -> np.ndarray:
@@ -184,7 +191,7 @@ class SubsetEstimator:
     def __init__(self, train: Stored, target: Stored, task_names: list[str], target_names: list[str], *,
                  scale: float = 0.02, estimator: str = "gradsum", evaluate: str = "first_order",
                  logreg_C: float = 1e-4, label_prob: float = 0.7, seed: int = 0,
-                 forward_fn: Any = None) -> None:
+                 forward_fn: Any = None, cache_dir: Any = None) -> None:
         if train.meta["projection_seed"] != target.meta["projection_seed"] or train.meta["dim"] != target.meta["dim"]:
             raise ConfigError("gradex: training and target stores use different projections (seed/dim)")
         if evaluate == "forward" and forward_fn is None:
@@ -194,7 +201,7 @@ class SubsetEstimator:
         self.scale, self.estimator, self.evaluate = scale, estimator, evaluate
         self.logreg_C, self.label_prob, self.seed = logreg_C, label_prob, seed
         self.forward_fn = forward_fn
-        self.lifter = Lifter(train.meta)
+        self.lifter = Lifter(train.meta, cache_dir=cache_dir)
         self.theta_norm = float(train.meta["theta_norm"])
         self.sums, self.counts = task_sums(train, task_names)
         tindex = {t: i for i, t in enumerate(target_names)}

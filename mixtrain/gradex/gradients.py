@@ -37,6 +37,7 @@ from .objective import per_example_objective
 log = logging.getLogger("mixtrain.gradex")
 META = "gradex_meta.json"
 ID_SHIFT = 32
+COMMIT_ROWS = 64
 
 Row = tuple[list[int], list[int]]
 
@@ -192,8 +193,10 @@ def gradient_pass(model: nn.Module, examples: Examples, path: str | Path, g: Gra
     meta = store_meta(model, g, modules, gp.dim)
     check_meta(path, meta)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[g.store_dtype]
-    grads = mixkernels.GradientStore(path / "grads", gp.dim, dtype)
-    outs = mixkernels.GradientStore(path / "outputs", 1, torch.float32)
+    # durable=False: still safe against a killed process (the manifest commit is atomic); fsync
+    # per block made the pass I/O-bound on shared disks
+    grads = mixkernels.GradientStore(path / "grads", gp.dim, dtype, durable=False)
+    outs = mixkernels.GradientStore(path / "outputs", 1, torch.float32, durable=False)
     have_g = set(grads.ids().tolist())
     have_o = set(outs.ids().tolist())
     todo = [k for k, i in enumerate(examples.ids) if i not in have_g or i not in have_o]
@@ -202,6 +205,23 @@ def gradient_pass(model: nn.Module, examples: Examples, path: str | Path, g: Gra
                  len(examples.ids) - len(todo), len(examples.ids), len(todo))
     was_training = model.training
     model.eval()  # LoRA dropout off, as released
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[int], list[str], list[bool], list[bool]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        G = torch.cat([p[0] for p in pending])
+        f = torch.cat([p[1] for p in pending])
+        ids = [i for p in pending for i in p[2]]
+        tasks = [t for p in pending for t in p[3]]
+        new_g = [j for j, keep in enumerate(x for p in pending for x in p[4]) if keep]
+        new_o = [j for j, keep in enumerate(x for p in pending for x in p[5]) if keep]
+        if new_g:
+            grads.append(G[new_g], [ids[j] for j in new_g], [tasks[j] for j in new_g])
+        if new_o:
+            outs.append(f[new_o].unsqueeze(1), [ids[j] for j in new_o], [tasks[j] for j in new_o])
+        pending.clear()
+
     try:
         for start in range(0, len(todo), g.batch_size):
             sel = todo[start:start + g.batch_size]
@@ -211,15 +231,12 @@ def gradient_pass(model: nn.Module, examples: Examples, path: str | Path, g: Gra
                                use_cache=False).logits
                 f = per_example_objective(logits, batch["labels"], g.objective)
                 f.sum().backward()
-            G = gp.grads()
             ids = [examples.ids[k] for k in sel]
-            new_g = [j for j, i in enumerate(ids) if i not in have_g]
-            new_o = [j for j, i in enumerate(ids) if i not in have_o]
-            if new_g:
-                grads.append(G[new_g], [ids[j] for j in new_g], [examples.tasks[sel[j]] for j in new_g])
-            if new_o:
-                outs.append(f.detach()[new_o].unsqueeze(1), [ids[j] for j in new_o],
-                            [examples.tasks[sel[j]] for j in new_o])
+            pending.append((gp.grads(), f.detach(), ids, [examples.tasks[k] for k in sel],
+                            [i not in have_g for i in ids], [i not in have_o for i in ids]))
+            if sum(len(p[2]) for p in pending) >= COMMIT_ROWS:
+                flush()  # one commit per COMMIT_ROWS examples: a crash loses at most these
+        flush()
     finally:
         model.train(was_training)
     return meta

@@ -38,6 +38,7 @@ log = logging.getLogger("mixtrain.gradex")
 
 
 def _setup_logging() -> None:
+    log.propagate = False  # the "mixtrain" logger has its own handler
     if not log.handlers:
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("[gradex] %(message)s"))
@@ -140,7 +141,7 @@ def prepare(cfg: Config) -> Prepared:
 
     est = SubsetEstimator(train, target, task_names, data.target_names, scale=g.scale, estimator=g.estimator,
                           evaluate=g.evaluate, logreg_C=g.logreg_C, label_prob=g.label_prob, seed=g.subset_seed,
-                          forward_fn=forward_fn)
+                          forward_fn=forward_fn, cache_dir=out / "store_train")
     return Prepared(cfg, g, out, model, modules, data, state, est, task_names, cluster_of)
 
 
