@@ -32,7 +32,7 @@ from .data import collate, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
 from .policies import PolicyContext
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
-from .signals import LossOutput, SignalBus, dev_losses, using_mixkernels
+from .signals import LossOutput, SignalBus, dev_losses
 
 __all__ = ["train", "MetricsWriter"]
 
@@ -189,8 +189,6 @@ def train(cfg: Config) -> dict[str, Any]:
     wrapper.capture_hidden = bus.wants_hidden
     engine, _, sched, _ = build_engine(cfg, wrapper, info.world_size)
     device = engine.device
-    if not using_mixkernels():
-        log.warning("mixkernels.hf.causal_lm_loss not available: using the temporary loss shim")
 
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
@@ -298,7 +296,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "version": 1, "step": step, "tokens": tokens, "input_tokens": input_tokens,
             "fingerprint": fingerprint, "global_batch_size": global_batch, "world_size": info.world_size,
             "domains": names, "sampler": sampler.state_dict(), "policy": policy.state_dict(),
-            "bus": bus.state_dict(), "history": history, "mixkernels_loss": using_mixkernels(),
+            "bus": bus.state_dict(), "history": history,
         }
         save_checkpoint(engine, ckpt_root, step, state, rank=info.rank, keep=t.keep_checkpoints)
 
