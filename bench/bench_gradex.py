@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Harness, child_peak_mb, report_child_peak  # noqa: E402
+from _harness import Harness, child_peak_mb, report_child_peak
 
-from mixtrain.gradex.estimate import SubsetEstimator, logreg_direction, sample_subsets  # noqa: E402
-from mixtrain.gradex.gradients import Examples, Stored, collate_rows  # noqa: E402
-from mixtrain.gradex.objective import per_example_objective  # noqa: E402
+from mixtrain.gradex.estimate import SubsetEstimator, logreg_direction, sample_subsets
+from mixtrain.gradex.gradients import Examples, Stored, collate_rows
+from mixtrain.gradex.objective import per_example_objective
 
 
 def _stores(n: int, tasks: int, d: int, j: int, num_params: int) -> tuple[Stored, Stored, list[str]]:
@@ -136,7 +136,7 @@ def bench_pass(h: Harness, n: int, d: int, smoke: bool) -> None:
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_mb = None if smoke else child_peak_mb(__file__, ["--child", "released", str(n), str(d), "rademacher"])
     for kind in ("rademacher", "sjlt", "factored"):
-        ours = h.time(lambda: ours_pass(model, ex, kind, d), repeat=1, warmup=warm)
+        ours = h.time(lambda kind=kind: ours_pass(model, ex, kind, d), repeat=1, warmup=warm)
         mb = None if smoke else child_peak_mb(__file__, ["--child", "ours", str(n), str(d), kind])
         h.row(case=f"tiny Llama+LoRA D={D} N={n} d={d}", impl=f"gradex pass ({kind})", seconds=ours,
               baseline="per-example autograd.grad + dense P", baseline_seconds=base, peak_mb=mb,

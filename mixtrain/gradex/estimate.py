@@ -30,8 +30,8 @@ Scoring (higher is better, see objective.py):
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ def sample_subsets(num_tasks: int, number: int, size: float, seed: int) -> np.nd
     """``number`` random subsets of ``max(1, round(size · num_tasks))`` tasks: bool ``[S, T]``."""
     if num_tasks < 2:
         raise ConfigError(f"gradex: need at least 2 tasks to sample subsets, got {num_tasks}")
-    k = min(num_tasks - 1, max(1, int(round(size * num_tasks))))
+    k = min(num_tasks - 1, max(1, round(size * num_tasks)))
     rng = np.random.default_rng(seed)
     picks = np.argsort(rng.random((number, num_tasks)), axis=1)[:, :k]
     m = np.zeros((number, num_tasks), dtype=bool)

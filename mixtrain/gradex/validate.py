@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,8 +124,8 @@ def run_validate(cfg: Any) -> dict[str, Any]:
 def format_validation(result: dict[str, Any]) -> str:
     """The table ``gradex-validate`` prints."""
     lines = [f"θ*: target objective {result['base_objective']:.4f}, target loss {result['base_loss']:.4f}",
-             f"{'subset':>6} {'gradex':>9} {'true f':>9} {'taylor':>9} {'rel.err':>8} {'no-grad':>8} "
-             f"{'true loss':>9}  tasks"]
+             (f"{'subset':>6} {'gradex':>9} {'true f':>9} {'taylor':>9} {'rel.err':>8} {'no-grad':>8} "
+              f"{'true loss':>9}  tasks")]
     for r in result["subsets"]:
         lines.append(f"{r['subset']:>6} {r['gradex_score']:>9.4f} {r['true_objective']:>9.4f} {r['taylor']:>9.4f} "
                      f"{100 * r['rel_error']:>7.2f}% {100 * r['rel_error_no_gradient']:>7.2f}% "
@@ -137,4 +136,4 @@ def format_validation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_validate", "format_validation", "spearman", "Path"]
+__all__ = ["Path", "format_validation", "run_validate", "spearman"]

@@ -3,9 +3,7 @@ gradsum, first-order vs an actual forward, selection on planted tasks, bad input
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,18 @@ import torch
 
 from mixtrain.config import ConfigError
 from mixtrain.gradex import (
-    Lifter, SubsetEstimator, cluster_examples, forward_selection, gradex_config, gradient_pass, greedy,
-    logreg_direction, per_example_objective, random_ensemble, read_store, sample_subsets,
+    Lifter,
+    SubsetEstimator,
+    cluster_examples,
+    forward_selection,
+    gradex_config,
+    gradient_pass,
+    greedy,
+    logreg_direction,
+    per_example_objective,
+    random_ensemble,
+    read_store,
+    sample_subsets,
 )
 from mixtrain.gradex.gradients import Examples, Stored, collate_rows
 from mixtrain.gradex.model import add_to_weights, gradex_modules, trainable_vector

@@ -39,7 +39,7 @@ def test_gradex_cli_end_to_end(tmp_path):
     }
     path = tmp_path / "gx.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex", str(path)], env=_env(), capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex", str(path)], check=False, env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run" / "gradex"
@@ -56,7 +56,7 @@ def test_gradex_cli_end_to_end(tmp_path):
     assert w.sum() > 0.999 and all(w[i] > 0 for i, n in enumerate(["lego_1", "lego_2", "addition_1"])
                                    if n in sel["tasks"])
 
-    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex-validate", str(path)], env=_env(),
+    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex-validate", str(path)], check=False, env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Spearman" in r.stdout and "relative error" in r.stdout
@@ -69,6 +69,6 @@ def test_gradex_cli_end_to_end(tmp_path):
 
     bad = dict(cfg, gradex={**cfg["gradex"], "target": ["nope"]})
     path.write_text(yaml.safe_dump(bad))
-    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex", str(path)], env=_env(), capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "mixtrain", "gradex", str(path)], check=False, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "'nope' is not a configured domain" in r.stderr
