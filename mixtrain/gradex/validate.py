@@ -136,4 +136,4 @@ def format_validation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Path", "format_validation", "run_validate", "spearman"]
+__all__ = ["format_validation", "run_validate", "spearman"]
