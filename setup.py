@@ -32,6 +32,23 @@ def _load_env():
 
 env = _load_env()
 
+
+def _guess_cuda_home() -> None:
+    """torch guesses CUDA_HOME from nvcc's folder, which for a wrapper or link in /usr/local/bin is
+    /usr/local (no lib64/libcudart): prefer a folder that really holds the toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_guess_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -31,6 +31,43 @@ SCHEMAS: dict[str, str] = {
         "segment_sum_triton(Tensor values, Tensor segment_ids, int num_segments, Tensor? mask=None) "
         "-> (Tensor, Tensor)"
     ),
+    # linear_cross_entropy (issue 3). reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
+    # reduction != none) the forward also returns the gradients of `loss` for upstream grad 1;
+    # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
+    "linear_ce": (
+        "linear_ce(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
+        "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
+        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_backward": (
+        "linear_ce_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_triton": (
+        "linear_ce_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
+        "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
+        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_backward_triton": (
+        "linear_ce_backward_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy": (
+        "cross_entropy(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
+        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy_backward": (
+        "cross_entropy_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, int ignore_index, "
+        "float label_smoothing) -> Tensor"
+    ),
+    "cross_entropy_triton": (
+        "cross_entropy_triton(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
+        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy_backward_triton": (
+        "cross_entropy_backward_triton(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, "
+        "int ignore_index, float label_smoothing) -> Tensor"
+    ),
     # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
     # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
     # public RouterStats names them. The backward op is shared by both backends (one fused pass
@@ -46,6 +83,17 @@ SCHEMAS: dict[str, str] = {
     "router_stats_backward": (
         "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
         "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
+    ),
+    # project / lift (issue 5): on-the-fly counter-hash random projections; one OpInfo ("project")
+    # chooses the backend of both, since each is the other's gradient.
+    "project": "project(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "project_triton": "project_triton(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "lift": "lift(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "lift_triton": "lift_triton(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    # factored_sketch (issue 5): per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
+    "factored_sketch": "factored_sketch(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor",
+    "factored_sketch_triton": (
+        "factored_sketch_triton(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor"
     ),
 }
 
@@ -84,6 +132,20 @@ OPS: dict[str, OpInfo] = {
             "where the Triton kernel issues one global atomic per element"
         ),
     ),
+    "linear_ce": OpInfo(
+        "linear_ce",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CPU: the C++ kernel fuses softmax/loss/grad/group sums in one vectorised pass per "
+            "chunk between ATen GEMMs; CUDA: its per-row kernel keeps the row in shared memory "
+            "(one read of the logits chunk for max/sum, one write of the gradient)"
+        ),
+    ),
+    "cross_entropy": OpInfo(
+        "cross_entropy",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why="same fused per-row kernel as linear_ce, applied to given logits",
+    ),
     "router_stats": OpInfo(
         "router_stats",
         auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
@@ -92,6 +154,24 @@ OPS: dict[str, OpInfo] = {
             "kernel runs one warp per token (shuffle reductions, warp arg-max top-k) and bins [G, E] per "
             "block in shared memory; the Triton kernel reduces a token tile per group, then atomics. "
             "Neither has been timed on a GPU (none available), so cxx is first by design, not measurement"
+        ),
+    ),
+    "project": OpInfo(
+        "project",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("triton", "cxx", "reference")},
+        why=(
+            "serves project and lift. CPU: C++ generates R row tiles in cache and runs AVX2 FMAs "
+            "(the reference materialises R blocks in memory). CUDA: Triton's tl.dot on generated "
+            "tiles uses tensor cores; the CUDA kernel is a plain FMA tile kernel"
+        ),
+    ),
+    "factored_sketch": OpInfo(
+        "factored_sketch",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("triton", "cxx", "reference")},
+        why=(
+            "CPU: BLAS projections + a segmented outer-product loop without the [N, k_out, k_in] "
+            "temporary. CUDA: Triton fuses both projections and the outer products per segment "
+            "with tl.dot; the CUDA kernel uses cuBLAS for the projections"
         ),
     ),
 }

@@ -18,22 +18,21 @@ def segment_sum(
     num_segments: int,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = segment_ids.long()
-    vals = values.float()
-    if mask is not None:
-        keep = mask.to(torch.bool)
-        ids = ids[keep]
-        vals = vals[keep]
-    if ids.numel() and not torch.compiler.is_compiling():
-        bad = (ids < 0) | (ids >= num_segments)
+    keep = torch.ones_like(segment_ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    if segment_ids.numel() and not torch.compiler.is_compiling():
+        bad = ((segment_ids < 0) | (segment_ids >= num_segments)) & keep
         if bool(bad.any()):
             position = int(bad.nonzero()[0, 0])
-            if mask is not None:  # report the position in the caller's (unmasked) indexing
-                position = int(mask.nonzero()[position, 0])
             raise ValueError(
                 f"mixkernels.segment_sum: segment_ids[{position}] = {int(segment_ids[position])} "
                 f"is out of range [0, {num_segments})"
             )
-    sums = vals.new_zeros((num_segments, *values.shape[1:])).index_add(0, ids, vals)
-    counts = torch.bincount(ids, minlength=num_segments)[:num_segments] if ids.numel() else ids.new_zeros(num_segments)
-    return sums, counts
+    sums = values.new_zeros((num_segments, *values.shape[1:]), dtype=torch.float32)
+    counts = segment_ids.new_zeros(num_segments, dtype=torch.int64)
+    if num_segments == 0:
+        return sums, counts
+    # Masked rows go to segment 0 with zero weight (no data-dependent shapes, so it compiles).
+    ids = torch.where(keep, segment_ids.long(), 0)
+    row_keep = keep.reshape(-1, *([1] * (values.dim() - 1)))
+    vals = torch.where(row_keep, values.float(), 0.0)
+    return sums.index_add(0, ids, vals), counts.index_add(0, ids, keep.long())
