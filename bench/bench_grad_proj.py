@@ -33,14 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import Harness, child_peak_mb, report_child_peak  # noqa: E402
+from _harness import Harness, child_peak_mb, report_child_peak
 
-import mixkernels  # noqa: E402
-from mixkernels import GradientProjector, project, projection_matrix  # noqa: E402
-from mixkernels.grad_projector import module_seed  # noqa: E402
+from mixkernels import GradientProjector, project, projection_matrix
+from mixkernels.grad_projector import module_seed
 
-FULL = dict(d=512, inter=1376, layers=4, heads=8, vocab=4096, b=8, t=128, k=4096, p_rows=12_600_000, trak_rows=262_144)
-TINY = dict(d=64, inter=96, layers=2, heads=4, vocab=256, b=2, t=16, k=256, p_rows=100_000, trak_rows=20_000)
+FULL = {"d": 512, "inter": 1376, "layers": 4, "heads": 8, "vocab": 4096, "b": 8, "t": 128, "k": 4096, "p_rows": 12_600_000, "trak_rows": 262_144}
+TINY = {"d": 64, "inter": 96, "layers": 2, "heads": 4, "vocab": 256, "b": 2, "t": 16, "k": 256, "p_rows": 100_000, "trak_rows": 20_000}
 
 
 def build(cfg):
@@ -184,7 +183,7 @@ def main() -> None:
         m_plain = child_peak_mb(script, ["--child", "plain", *tiny])
         h.row(case=case, impl="plain fwd+bwd", seconds=t_plain, peak_mb=m_plain, x_plain=1.0, x_plain_mem=1.0)
         for wg in (True, False):
-            t = h.time(lambda: projector_step(gp, model, ids, wg))
+            t = h.time(lambda wg=wg: projector_step(gp, model, ids, wg))
             m = child_peak_mb(script, ["--child", "factored-wg" if wg else "factored-nowg", *tiny])
             h.row(case=case, impl=f"factored r16x16 weight_grads={wg}", seconds=t, baseline="plain fwd+bwd",
                   baseline_seconds=t_plain, peak_mb=m, x_plain=round(t / t_plain, 3), x_plain_mem=round(m / m_plain, 3) if m_plain > 0 else "")
@@ -218,7 +217,7 @@ def main() -> None:
             h.row(case=pcase, impl=f"TRAK BasicProjector rademacher (timed on {rows:,} rows, scaled x{cfg['p_rows'] / rows:.1f})",
                   seconds=t_trak, peak_mb=None, note="stores [in_dim, 100] fp32 blocks: 5 GB at 12.6M rows")
         for kind, rep in (("sjlt", 3), ("rademacher", 1)):
-            t = h.time(lambda: project(x, cfg["k"], seed=0, kind=kind), repeat=rep, warmup=1 if kind == "sjlt" else 0)
+            t = h.time(lambda kind=kind: project(x, cfg["k"], seed=0, kind=kind), repeat=rep, warmup=1 if kind == "sjlt" else 0)
             m = child_peak_mb(script, ["--child", f"project-{kind}", *tiny])
             h.row(case=pcase, impl=f"mixkernels.project {kind} (cxx, full input)", seconds=t,
                   baseline="TRAK BasicProjector" if t_trak else "", baseline_seconds=t_trak, peak_mb=m,

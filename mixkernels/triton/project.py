@@ -136,7 +136,7 @@ def _project_sjlt_kernel(
     ok = ii < in_dim
     xv = tl.load(x_ptr + row * stride_x + ii, mask=ok, other=0.0).to(tl.float32)
     rh = _row_hash(key, row_offset + ii)
-    for b in range(0, nnz):
+    for b in range(nnz):
         col, sign = _sjlt_col_sign(rh, b, out_dim, nnz)
         tl.atomic_add(y_ptr + row * out_dim + col, sign * xv, mask=ok)
 
@@ -152,7 +152,7 @@ def _lift_sjlt_kernel(
     ok = ii < in_dim
     rh = _row_hash(key, row_offset + ii)
     acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    for b in range(0, nnz):
+    for b in range(nnz):
         col, sign = _sjlt_col_sign(rh, b, out_dim, nnz)
         acc += sign * tl.load(y_ptr + row * stride_y + col, mask=ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * in_dim + ii, acc * scale, mask=ok)

@@ -36,9 +36,9 @@ def inputs(n=53, d_in=37, d_out=29, k_in=16, k_out=8, offsets=(0, 7, 7, 30, 53),
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [dict(), dict(n=1, offsets=(0, 1)), dict(n=300, d_in=129, d_out=65, k_in=5, k_out=3,
-                                   offsets=(0, 100, 200, 300)), dict(n=40, offsets=(5, 9, 33)),
-                                   dict(n=20, k_in=64, k_out=64, offsets=(0, 20))])
+@pytest.mark.parametrize("shape", [{}, {"n": 1, "offsets": (0, 1)}, {"n": 300, "d_in": 129, "d_out": 65, "k_in": 5, "k_out": 3,
+                                   "offsets": (0, 100, 200, 300)}, {"n": 40, "offsets": (5, 9, 33)},
+                                   {"n": 20, "k_in": 64, "k_out": 64, "offsets": (0, 20)}])
 def test_parity(backend, shape):
     x, g, off, p_in, p_out = inputs(**shape)
     s = run(backend, x, g, off, p_in, p_out)

@@ -114,10 +114,8 @@ def test_jl_inner_products_preserved_in_expectation(kind):
     b = 0.6 * a + torch.randn(200, generator=g, dtype=torch.float64)
     ab = float(a @ b)
     k, seeds = 64, 300
-    est = torch.tensor([
-        float((lambda y: y[0] @ y[1])(project(torch.stack([a, b]).float(), k, seed=s, kind=kind).double()))
-        for s in range(seeds)
-    ])
+    pairs = [project(torch.stack([a, b]).float(), k, seed=s, kind=kind).double() for s in range(seeds)]
+    est = torch.tensor([float(y[0] @ y[1]) for y in pairs])
     base = float(a.pow(2).sum() * b.pow(2).sum() + ab**2)
     theory = {"gaussian": base / k, "rademacher": (base - 2 * float((a * a * b * b).sum())) / k}
     var = est.var().item()
@@ -193,12 +191,20 @@ def test_gradient_of_project_is_lift(backend, kind):
 def test_gradcheck(backend):
     # The ops take fp32/fp16/bf16; gradcheck in fp32 with a step that is exact for linear maps.
     x = torch.randn(2, 37, requires_grad=True)
-    with mixkernels.backend(backend), pytest.warns(UserWarning, match="double precision"):
-        assert torch.autograd.gradcheck(lambda t: project(t, 9, seed=1, kind="gaussian", row_offset=5), (x,),
-                                        eps=1e-2, atol=1e-3, rtol=1e-3)
-        y = torch.randn(2, 9, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda t: lift(t, 37, seed=1, kind="sjlt"), (y,), eps=1e-2, atol=1e-3,
-                                        rtol=1e-3)
+    y = torch.randn(2, 9, requires_grad=True)
+
+    def fx(t):
+        with mixkernels.backend(backend):
+            return project(t, 9, seed=1, kind="gaussian", row_offset=5)
+
+    def fy(t):
+        with mixkernels.backend(backend):
+            return lift(t, 37, seed=1, kind="sjlt")
+
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(fx, (x,), eps=1e-2, atol=1e-3, rtol=1e-3)
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(fy, (y,), eps=1e-2, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kind", KINDS)

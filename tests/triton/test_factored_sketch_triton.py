@@ -19,7 +19,7 @@ def run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("shape", [dict(n=23, offsets=(0, 5, 5, 23)), dict(n=20, d_in=70, k_in=5, k_out=3, offsets=(2, 9, 17))])
+@pytest.mark.parametrize("shape", [{"n": 23, "offsets": (0, 5, 5, 23)}, {"n": 20, "d_in": 70, "k_in": 5, "k_out": 3, "offsets": (2, 9, 17)}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_factored_sketch(shape, dtype):
     x, g, off, p_in, p_out = inputs(dtype=dtype, **shape)
