@@ -31,6 +31,59 @@ SCHEMAS: dict[str, str] = {
         "segment_sum_triton(Tensor values, Tensor segment_ids, int num_segments, Tensor? mask=None) "
         "-> (Tensor, Tensor)"
     ),
+    # linear_cross_entropy (issue 3). reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
+    # reduction != none) the forward also returns the gradients of `loss` for upstream grad 1;
+    # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
+    "linear_ce": (
+        "linear_ce(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
+        "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
+        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_backward": (
+        "linear_ce_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_triton": (
+        "linear_ce_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
+        "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
+        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "linear_ce_backward_triton": (
+        "linear_ce_backward_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy": (
+        "cross_entropy(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
+        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy_backward": (
+        "cross_entropy_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, int ignore_index, "
+        "float label_smoothing) -> Tensor"
+    ),
+    "cross_entropy_triton": (
+        "cross_entropy_triton(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
+        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "cross_entropy_backward_triton": (
+        "cross_entropy_backward_triton(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, "
+        "int ignore_index, float label_smoothing) -> Tensor"
+    ),
+    # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
+    # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
+    # public RouterStats names them. The backward op is shared by both backends (one fused pass
+    # recomputing the softmax).
+    "router_stats": (
+        "router_stats(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, Tensor? mask=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_triton": (
+        "router_stats_triton(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, "
+        "Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_backward": (
+        "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
+        "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
+    ),
     # project / lift (issue 5): on-the-fly counter-hash random projections; one OpInfo ("project")
     # chooses the backend of both, since each is the other's gradient.
     "project": "project(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
@@ -77,6 +130,29 @@ OPS: dict[str, OpInfo] = {
         why=(
             "CUDA: the C++ kernel bins into shared memory per block and flushes once, "
             "where the Triton kernel issues one global atomic per element"
+        ),
+    ),
+    "linear_ce": OpInfo(
+        "linear_ce",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CPU: the C++ kernel fuses softmax/loss/grad/group sums in one vectorised pass per "
+            "chunk between ATen GEMMs; CUDA: its per-row kernel keeps the row in shared memory "
+            "(one read of the logits chunk for max/sum, one write of the gradient)"
+        ),
+    ),
+    "cross_entropy": OpInfo(
+        "cross_entropy",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why="same fused per-row kernel as linear_ce, applied to given logits",
+    ),
+    "router_stats": OpInfo(
+        "router_stats",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CUDA: the C++ kernel keeps one token's E logits in a warp's registers, selects top-k with "
+            "warp shuffles and bins [G, E] per block in shared memory; the Triton kernel handles a "
+            "token tile per program with global atomics"
         ),
     ),
     "project": OpInfo(

@@ -1,9 +1,10 @@
 """One tolerance table per dtype, shared by every op test.
 
-``TOL[dtype]`` are ``torch.testing.assert_close`` kwargs for comparing a kernel against the
-reference in that dtype. For low precision the criterion of DESIGN.md applies where it matters:
-the kernel's error against an fp64 oracle may be at most ~2x the error of PyTorch itself in the
-same dtype (see ``assert_error_at_most``).
+``TOL[dtype]`` are ``assert_close`` tolerances for results computed *in* that dtype against an
+fp64 oracle. For fp16/bf16 the stricter criterion of DESIGN.md applies where a PyTorch
+computation in the same dtype is available: the kernel's error may be at most ``LOWP_FACTOR``
+times PyTorch's own error against the oracle (plus ``floor`` for exact-zero cases); see
+:func:`assert_error_within`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,27 @@ from __future__ import annotations
 import torch
 
 TOL: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float64: {"atol": 1e-10, "rtol": 1e-9},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
     torch.float16: {"atol": 2e-3, "rtol": 2e-3},
-    torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
 }
+
+LOWP_FACTOR = 2.0
 
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     return TOL[dtype]
 
 
-def assert_error_at_most(got: torch.Tensor, torch_same_dtype: torch.Tensor, oracle: torch.Tensor,
-                         factor: float = 2.0, floor: float = 1e-6) -> None:
-    """Error of ``got`` vs ``oracle`` is at most ``factor`` x that of PyTorch in the same dtype."""
-    ours = (got.double() - oracle.double()).abs().max().item()
-    theirs = (torch_same_dtype.double() - oracle.double()).abs().max().item()
-    assert ours <= factor * theirs + floor, f"error {ours:.3e} > {factor} x PyTorch's {theirs:.3e}"
+def assert_error_within(got: torch.Tensor, oracle: torch.Tensor, torch_same_dtype: torch.Tensor, *,
+                        floor: float | None = None, name: str = "") -> None:
+    """max|got - oracle| <= LOWP_FACTOR * max|torch_same_dtype - oracle| + floor."""
+    oracle = oracle.double()
+    err = (got.double() - oracle).abs().max().item() if got.numel() else 0.0
+    ref_err = (torch_same_dtype.double() - oracle).abs().max().item() if got.numel() else 0.0
+    if floor is None:
+        floor = TOL[got.dtype]["atol"] if got.dtype in TOL else 1e-6
+    assert err <= LOWP_FACTOR * ref_err + floor, (
+        f"{name}: error {err:.3e} exceeds {LOWP_FACTOR} x PyTorch's same-dtype error {ref_err:.3e} + {floor:.1e}"
+    )

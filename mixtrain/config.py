@@ -1,0 +1,415 @@
+"""Run configuration: YAML in, typed dataclasses out, unknown keys rejected.
+
+A config file has the sections ``model``, ``data``, ``mixing``, ``train``, ``deepspeed`` (a raw
+DeepSpeed JSON dict merged over the one built from ``train``) and the scalar ``output_dir``.
+Every section is a dataclass; :func:`from_dict` refuses keys a section does not define and lists
+the valid ones, so a typo never silently falls back to a default.
+
+Command-line overrides use dotted paths (``train.steps=20``); values are parsed with
+``yaml.safe_load`` so ``1e-3``, ``true``, ``[a, b]`` and ``{x: 1}`` work as expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MixingConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_fingerprint",
+    "demo_config",
+    "from_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key, the value and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """``model`` section.
+
+    Attributes:
+        name_or_path: local HF checkpoint directory; mutually exclusive with ``config``.
+        config: a transformers config dict (must contain ``model_type``) for training from
+            scratch; ``vocab_size`` is taken from the tokenizer when absent.
+        tokenizer: ``"byte"`` (built-in byte-level tokenizer) or a local tokenizer path; ``None``
+            means ``name_or_path`` when given, else ``"byte"``.
+        lora: PEFT LoRA settings (``r``, ``alpha``, ``dropout``, ``target_modules``) or ``None``.
+        gradient_checkpointing: enable activation checkpointing in the HF model.
+        attn_implementation: passed to transformers (``eager``, ``sdpa``, ``flash_attention_2``);
+            ``None`` lets transformers choose (flash_attention_2 when flash-attn is installed and a
+            GPU is used).
+        init_seed: seed for random initialisation when training from ``config``.
+    """
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    lora: dict[str, Any] | None = None
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """``data`` section.
+
+    Attributes:
+        builtin: names of built-in domains (``code``, ``docs``, ``math``, ``lego``, ``addition``);
+            ``lego`` / ``addition`` expand to one sub-domain per skill (``lego_1`` …), and a single
+            skill can be named directly.
+        domains: ``{name: path}`` (JSONL file, folder of JSONL files, or a ``save_to_disk`` HF
+            dataset folder); a value may also be ``{train: path, dev: path}``.
+        dev_fraction: held-out fraction per domain when no dev path is given (deterministic).
+        max_length: truncate tokenised examples to this many tokens.
+        train_on_prompt: also train on prompt tokens (default: response tokens only).
+        packing: concatenate examples of the same domain into ``max_length`` rows.
+        builtin_size: examples per generated built-in (sub-)domain; an int, or a mapping
+            ``{name: n}`` where ``name`` is a domain, a skill family (``lego``) or ``"*"``.
+        builtin_seed: seed of the built-in corpus generator.
+        with_replacement: sample examples with replacement instead of epoch permutations.
+        exhaustion: ``cycle`` | ``stop`` | ``max_epochs``; a dict ``{domain: policy}`` sets it
+            per domain.
+        max_epochs: epochs per domain under ``exhaustion: max_epochs``.
+        max_dev_examples: cap of dev examples per domain used for dev losses.
+    """
+
+    builtin: list[str] = field(default_factory=list)
+    domains: dict[str, Any] = field(default_factory=dict)
+    dev_fraction: float = 0.05
+    max_length: int = 128
+    train_on_prompt: bool = False
+    packing: bool = False
+    builtin_size: int | dict[str, int] = 400
+    builtin_seed: int = 0
+    with_replacement: bool = False
+    exhaustion: str | dict[str, str] = "cycle"
+    max_epochs: int = 1
+    max_dev_examples: int = 64
+
+
+@dataclass
+class MixingConfig:
+    """``mixing`` section: policy name, its parameters, and how often it updates (steps)."""
+
+    policy: str = "temperature"
+    params: dict[str, Any] = field(default_factory=dict)
+    update_every: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """``train`` section.
+
+    ``micro_batch_size`` is per rank; the global batch is ``micro_batch_size * grad_accum *
+    world_size``. ``warmup`` is a step count (int) or a fraction of ``steps`` (float < 1).
+    ``resume`` is ``auto`` (latest complete checkpoint in ``output_dir/checkpoints``), ``none``,
+    or a checkpoint directory. ``eval_every`` 0 disables dev evaluation (unless the policy needs
+    it). ``save_every`` 0 saves only at the end.
+    """
+
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup: float = 0
+    lr_schedule: str = "cosine"
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "auto"
+    eval_every: int = 0
+    log_every: int = 1
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    """Whole run config (see module docstring)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "runs/mixtrain"
+    gradex: dict[str, Any] = field(default_factory=dict)  # parsed by mixtrain.gradex.config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (YAML/JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "mixing": MixingConfig, "train": TrainConfig}
+
+
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Validate (and lightly coerce int→float) ``value`` against annotation ``tp``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _check_type(where, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: got {value!r} ({type(value).__name__}), expected {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: got {value!r}, expected a list")
+        (arg,) = get_args(tp) or (Any,)
+        return [_check_type(f"{where}[{i}]", v, arg) for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: got {value!r}, expected true/false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: got {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: got {value!r}, expected a string")
+    return value
+
+
+def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section '{name}' must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(valid)}"
+        )
+    kwargs = {k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain dict (e.g. parsed YAML).
+
+    Raises:
+        ConfigError: unknown section/key (listing the valid ones) or a value of the wrong type
+            or out of range.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
+    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex"]
+    unknown = sorted(set(raw) - set(valid_top))
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
+    cfg = Config(
+        **{name: _section_from_dict(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()},
+        deepspeed=_check_type("deepspeed", raw.get("deepspeed") or {}, dict[str, Any]),
+        output_dir=_check_type("output_dir", raw.get("output_dir", "runs/mixtrain"), str),
+        gradex=_check_type("gradex", raw.get("gradex") or {}, dict[str, Any]),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need data or a model; raises :class:`ConfigError`."""
+    t, d, m = cfg.train, cfg.data, cfg.mixing
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: got {getattr(t, key)}, expected an integer >= 1")
+    for key in ("eval_every", "save_every"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: got {getattr(t, key)}, expected an integer >= 0")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise ConfigError(f"train.lr: got {t.lr}, expected a positive finite number")
+    if t.lr_schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(
+            f"train.lr_schedule: got {t.lr_schedule!r}, expected one of cosine, linear, constant"
+        )
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: got {t.zero_stage}, expected 0, 1, 2 or 3")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(
+            f"train.precision: got {t.precision!r}, expected one of auto, fp32, bf16, fp16"
+        )
+    if t.warmup < 0 or (t.warmup != int(t.warmup) and t.warmup >= 1):
+        raise ConfigError(
+            f"train.warmup: got {t.warmup}, expected a step count >= 0 or a fraction in [0, 1)"
+        )
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected >= 1")
+    if not (0.0 <= d.dev_fraction < 1.0):
+        raise ConfigError(f"data.dev_fraction: got {d.dev_fraction}, expected a value in [0, 1)")
+    if d.max_length < 4:
+        raise ConfigError(f"data.max_length: got {d.max_length}, expected >= 4")
+    bs = d.builtin_size if isinstance(d.builtin_size, dict) else {"*": d.builtin_size}
+    for k, v in bs.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+            raise ConfigError(f"data.builtin_size[{k}]: got {v!r}, expected an integer >= 2")
+    if d.max_epochs < 1:
+        raise ConfigError(f"data.max_epochs: got {d.max_epochs}, expected >= 1")
+    ex = d.exhaustion if isinstance(d.exhaustion, dict) else {"*": d.exhaustion}
+    for k, v in ex.items():
+        if v not in ("cycle", "stop", "max_epochs"):
+            raise ConfigError(
+                f"data.exhaustion[{k}]: got {v!r}, expected one of cycle, stop, max_epochs"
+            )
+    if not d.builtin and not d.domains:
+        raise ConfigError("data: no domains; set data.builtin and/or data.domains")
+    if m.update_every is not None and m.update_every < 1:
+        raise ConfigError(f"mixing.update_every: got {m.update_every}, expected >= 1")
+    if cfg.model.name_or_path is None and cfg.model.config is None:
+        raise ConfigError("model: set either model.name_or_path or model.config")
+    if cfg.model.name_or_path is not None and cfg.model.config is not None:
+        raise ConfigError("model: set only one of model.name_or_path and model.config")
+    if cfg.model.config is not None and "model_type" not in cfg.model.config:
+        raise ConfigError(
+            "model.config: missing 'model_type' (e.g. llama, qwen2, qwen2_moe, mixtral)"
+        )
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r}: empty key")
+    return path, yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (in a copy) and return it."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (``yaml.safe_load``), apply overrides, validate.
+
+    Raises:
+        ConfigError: file missing, not a mapping, or invalid content.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
+    """Raw dict of the embedded demo: tiny Llama, byte tokenizer, built-in corpus."""
+    return {
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": "byte"},
+        "data": {
+            "builtin": ["code", "docs", "math", "lego", "addition"],
+            "max_length": 256,
+            "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
+            "dev_fraction": 0.05,
+        },
+        "mixing": {"policy": "mos", "update_every": 20, "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 32}},
+        "train": {
+            "steps": 120,
+            "micro_batch_size": 8,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "warmup": 10,
+            "eval_every": 20,
+            "log_every": 5,
+            "save_every": 60,
+            "seed": 0,
+        },
+        "output_dir": output_dir,
+    }
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of everything that must match for a checkpoint to be resumable by this config.
+
+    Excludes fields that may legitimately change on resume (``steps``, logging/saving cadence,
+    ``resume``, ``progress``, ``output_dir``, ``threads``, ``keep_checkpoints``).
+    """
+    d = cfg.to_dict()
+    d.pop("output_dir", None)
+    d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
+    for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
+              "threads", "keep_checkpoints", "eval_every"):
+        d["train"].pop(k, None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

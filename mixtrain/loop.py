@@ -1,0 +1,425 @@
+"""The training loop, top to bottom: data → policy → model/engine → resume → steps → outputs.
+
+One optimizer step =
+  1. draw the global batch from the sampler (weights fixed for the whole step),
+  2. for each of this rank's ``grad_accum`` micro-batches: forward (fused per-domain loss),
+     ``engine.backward``, ``engine.step`` (DeepSpeed applies the optimizer at the boundary),
+  3. all-reduce the step's per-domain sums once (:class:`mixtrain.signals.SignalBus`),
+  4. every ``update_every`` steps: collect the signals the policy asked for, ``policy.update``,
+     broadcast rank 0's weights, give them to the sampler (they apply from the next step),
+  5. dev evaluation / metrics / checkpoint as configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from . import policies
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, config_fingerprint
+from .data import collate, encode_domains, load_domains, load_tokenizer
+from .engine import LossModel, build_engine, build_model, init_distributed
+from .policies import PolicyContext
+from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
+from .signals import LossOutput, SignalBus, dev_losses
+
+__all__ = ["MetricsWriter", "train"]
+
+log = logging.getLogger("mixtrain")
+
+
+def _setup_logging(is_main: bool) -> None:
+    if is_main:
+        if not log.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("[mixtrain] %(message)s"))
+            log.addHandler(h)
+        log.setLevel(logging.INFO)
+    else:
+        log.setLevel(logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return _jsonable(x.item())
+    return x
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` (flushed per record) + TensorBoard scalars, rank 0 only.
+
+    On resume from step ``k``, records after ``k`` (written by the killed run after its last
+    checkpoint) are dropped so the file reads as one consistent run.
+    """
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a kill
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        self.f = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:  # tensorboard missing: metrics.jsonl still has everything
+                log.warning("tensorboard not installed; writing metrics.jsonl only")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        """Append one record and mirror its scalars to TensorBoard."""
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(_jsonable(rec)) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            step = rec["step"]
+            for k, v in rec.items():
+                if isinstance(v, dict):
+                    for dk, dv in v.items():
+                        if isinstance(dv, (int, float)) and math.isfinite(dv):
+                            self.tb.add_scalar(f"{k}/{dk}", dv, step)
+                elif isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        """Flush and close."""
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _broadcast_weights(w: np.ndarray) -> np.ndarray:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(w, dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return t.numpy()
+    return w
+
+
+def _check_start(cfg: Config, policy: policies.MixingPolicy, enc: list[Any]) -> None:
+    """Refuse at start-up what would otherwise fail mid-run."""
+    if policy.requires_dev:
+        missing = [d.name for d in enc if not d.dev]
+        if missing:
+            raise ConfigError(
+                f"policy {cfg.mixing.policy!r} needs dev losses but domain(s) {missing} have no dev "
+                "split; set data.dev_fraction > 0 or give {train, dev} paths"
+            )
+    if "router_stats" in policy.required_signals:
+        raise ConfigError(
+            f"policy {cfg.mixing.policy!r} needs router_stats, which the core loop does not collect "
+            "yet (mixkernels.hf.RouterStatsCollector integration is pending)"
+        )
+    for d in enc:
+        if not any(any(l != -100 for l in lab[1:]) for _, lab in d.train):
+            raise ConfigError(
+                f"domain {d.name!r}: no trainable tokens after tokenisation (max_length "
+                f"{cfg.data.max_length} cuts every response?)"
+            )
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns a summary dict (rank-local)."""
+    # ---- processes, logging, output dir ---------------------------------------------------
+    info = init_distributed()
+    _setup_logging(info.is_main)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t = cfg.train
+
+    # ---- data -----------------------------------------------------------------------------
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
+    domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
+                           builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
+    enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
+                         packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
+    names = [d.name for d in enc]
+    sizes = [d.size for d in enc]
+    # label tokens per training row (after the causal shift): lets every rank compute the global
+    # batch's token count locally, since every rank knows the whole global batch
+    label_counts = [np.array([sum(1 for x in lab[1:] if x != -100) for _, lab in d.train]) for d in enc]
+    log.info("domains: %s", ", ".join(f"{n}={s}" for n, s in zip(names, sizes)))
+
+    # ---- policy (validated before the model is built: errors come fast) -----------------------
+    policy = policies.get(cfg.mixing.policy, **cfg.mixing.params)
+    if cfg.mixing.update_every is not None:
+        policy.update_every = cfg.mixing.update_every
+    _check_start(cfg, policy, enc)
+    bus = SignalBus(names, policy.required_signals)
+
+    # ---- model + DeepSpeed ------------------------------------------------------------------
+    model = build_model(cfg, tok.vocab_size)
+    policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
+    wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
+    wrapper.return_token_loss = bus.wants_token_loss
+    wrapper.capture_hidden = bus.wants_hidden
+    engine, _, sched, _ = build_engine(cfg, wrapper, info.world_size)
+    device = engine.device
+
+    def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in b.items()}
+
+    def make_batch(rows: list[tuple[int, int]], split: str = "train") -> dict[str, torch.Tensor]:
+        data = [getattr(enc[d], split)[e] for d, e in rows]
+        return to_dev(collate(data, [d for d, _ in rows], tok.pad_token_id))
+
+    def eval_loss(batch: dict[str, torch.Tensor]) -> LossOutput:
+        res = engine(**batch)
+        return LossOutput(res["loss"], res["group_loss"], res["group_count"], res.get("token_loss"))
+
+    def run_dev() -> np.ndarray:
+        engine.eval()
+        try:
+            return dev_losses(eval_loss, lambda rows: make_batch(rows, "dev"), [len(d.dev) for d in enc],
+                              batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size)
+        finally:
+            engine.train()
+
+    @torch.no_grad()
+    def forward_hidden(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        engine.eval()
+        old = wrapper.capture_hidden
+        wrapper.capture_hidden = True
+        try:
+            return engine(**batch)["hidden"]
+        finally:
+            wrapper.capture_hidden = old
+            engine.train()
+
+    @torch.no_grad()
+    def forward_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        engine.eval()
+        old = wrapper.return_token_loss
+        wrapper.return_token_loss = True
+        try:
+            tl = engine(**batch)["token_loss"]
+            valid = batch["labels"][:, 1:] != -100
+            return (tl * valid).sum(1) / valid.sum(1).clamp_min(1)
+        finally:
+            wrapper.return_token_loss = old
+            engine.train()
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(x)
+        return x
+
+    # ---- sampler, policy context, initial weights -------------------------------------------------
+    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    ex = cfg.data.exhaustion
+    exhaustion = [ex.get(n, ex.get("*", "cycle")) for n in names] if isinstance(ex, dict) else ex
+    ctx = PolicyContext(
+        domain_names=names, domain_sizes=sizes, model=model, tokenizer=tok, domains=enc, device=device,
+        rank=info.rank, world_size=info.world_size, seed=t.seed,
+        batches=lambda d, idx, split="train": make_batch([(d, int(i)) for i in idx], split),
+        forward_hidden=forward_hidden, forward_losses=forward_losses, all_reduce=all_reduce,
+    )
+    policy.setup(ctx)
+    w0 = _broadcast_weights(validate_weights(policy.initial_weights(dict(zip(names, sizes))), len(names), names))
+    sampler = MixtureSampler(sizes, w0, global_batch_size=global_batch, seed=t.seed,
+                             with_replacement=cfg.data.with_replacement, exhaustion=exhaustion,
+                             max_epochs=cfg.data.max_epochs, domain_names=names)
+    ctx.sampler = sampler
+    history: list[list[Any]] = [[0, w0.tolist()]]
+    step, tokens, input_tokens = 0, 0, 0
+    fingerprint = config_fingerprint(cfg)
+
+    # ---- resume -------------------------------------------------------------------------------
+    ckpt_root = out / "checkpoints"
+    resume_from: Path | None = None
+    if t.resume == "auto":
+        resume_from = latest_checkpoint(ckpt_root)
+    elif t.resume not in ("none", "", "false"):
+        resume_from = Path(t.resume)
+        if not resume_from.is_dir():
+            raise ConfigError(f"train.resume: checkpoint directory {t.resume!r} does not exist")
+    if resume_from is not None:
+        state = json.loads((resume_from / "mixtrain_state.json").read_text()) \
+            if (resume_from / "mixtrain_state.json").is_file() else None
+        if state is None:
+            raise CheckpointError(f"{resume_from} is not a complete mixtrain checkpoint")
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {resume_from} was written by a different config (fingerprint "
+                f"{state.get('fingerprint')} vs {fingerprint}: model, data, mixing or optimisation "
+                "settings differ); refusing to resume. Use another output_dir or train.resume=none"
+            )
+        if state["global_batch_size"] != global_batch:
+            raise CheckpointError(
+                f"checkpoint {resume_from} used global batch {state['global_batch_size']}, this run "
+                f"{global_batch} (micro_batch_size x grad_accum x world_size); keep it equal to resume"
+            )
+        state = load_checkpoint(engine, resume_from, rank=info.rank)
+        sampler.load_state_dict(state["sampler"])
+        policy.load_state_dict(state["policy"])
+        bus.load_state_dict(state["bus"])
+        history = state["history"]
+        step, tokens, input_tokens = state["step"], state["tokens"], state["input_tokens"]
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    def save() -> None:
+        state = {
+            "version": 1, "step": step, "tokens": tokens, "input_tokens": input_tokens,
+            "fingerprint": fingerprint, "global_batch_size": global_batch, "world_size": info.world_size,
+            "domains": names, "sampler": sampler.state_dict(), "policy": policy.state_dict(),
+            "bus": bus.state_dict(), "history": history,
+        }
+        save_checkpoint(engine, ckpt_root, step, state, rank=info.rank, keep=t.keep_checkpoints)
+
+    # ---- steps --------------------------------------------------------------------------------
+    metrics = MetricsWriter(out, info.is_main, step, t.tensorboard)
+    bar = None
+    if info.is_main and t.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="mixtrain", dynamic_ncols=True)
+    log.info("policy %s, global batch %d, %d rank(s), ZeRO-%d", policy.describe(), global_batch,
+             info.world_size, t.zero_stage)
+    win_loss = np.zeros(len(names))
+    win_count = np.zeros(len(names), dtype=np.int64)
+    win_time, win_policy_time, win_steps = 0.0, 0.0, 0
+    last_dev: np.ndarray | None = None
+    stopped = False
+    while step < t.steps:
+        t0 = time.perf_counter()
+        try:
+            gb = sampler.next_global_batch()
+        except SamplerExhausted as e:
+            log.info("stopping at step %d: %s", step, e)
+            stopped = True
+            break
+        n_global = sum(int(label_counts[d][e]) for d, e in zip(gb.domains.tolist(), gb.examples.tolist()))
+        # DeepSpeed divides by grad_accum and averages over ranks; this scale undoes both so the
+        # gradient is that of the mean over all label tokens of the global batch
+        scale = t.grad_accum * info.world_size / max(1, n_global)
+        for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum):
+            batch = make_batch(rows)
+            res = engine(**batch, loss_scale=scale)
+            engine.backward(res["loss"])
+            engine.step()
+            bus.add_micro(batch, LossOutput(res["loss"], res["group_loss"], res["group_count"],
+                                            res.get("token_loss")), hidden=res.get("hidden"))
+        step += 1
+        st = bus.end_step()
+        tokens += int(st["count"].sum())
+        input_tokens += int(st["input_tokens"].sum())
+        win_loss += st["loss_sum"]
+        win_count += st["count"]
+        step_time = time.perf_counter() - t0
+
+        # policy update (weights apply from the next step on)
+        t1 = time.perf_counter()
+        dev_now: np.ndarray | None = None
+        if policy.update_every and step % policy.update_every == 0:
+            if "dev_domain_loss" in policy.required_signals:
+                dev_now = run_dev()
+            signals = bus.pop_interval(step, sampler.weights, dev_now)
+            new = policy.update(step, signals)
+            if new is not None:
+                new = _broadcast_weights(validate_weights(new, len(names), names))
+                sampler.set_weights(new)
+                history.append([step, new.tolist()])
+        policy_time = time.perf_counter() - t1
+        win_time += step_time
+        win_policy_time += policy_time
+        win_steps += 1
+
+        is_last = step == t.steps
+        do_eval = t.eval_every and (step % t.eval_every == 0 or is_last)
+        if do_eval and dev_now is None:
+            dev_now = run_dev()
+        if dev_now is not None:
+            last_dev = dev_now
+        if step % t.log_every == 0 or is_last or do_eval:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dl = np.where(win_count > 0, win_loss / np.maximum(win_count, 1), np.nan)
+            rec: dict[str, Any] = {
+                "step": step,
+                "loss": float(win_loss.sum() / max(1, win_count.sum())),
+                "lr": float(sched.get_last_lr()[0]) if sched is not None else t.lr,
+                "tokens": tokens,
+                "input_tokens": input_tokens,
+                "samples": sampler.index,
+                "weights": dict(zip(names, map(float, sampler.weights))),
+                "step_weights": dict(zip(names, map(float, gb.weights))),
+                "domain_loss": dict(zip(names, map(float, dl))),
+                "domain_fraction": sampler.fractions(),
+                "step_time": win_time / win_steps,
+                "policy_time": win_policy_time / win_steps,
+                "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
+            }
+            if do_eval and dev_now is not None:
+                rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
+            metrics.write(rec)
+            if bar is not None:
+                top = sorted(zip(names, sampler.weights), key=lambda x: -x[1])[:3]
+                bar.set_postfix_str(f"loss={rec['loss']:.3f} " + " ".join(f"{n}={w:.2f}" for n, w in top))
+            win_loss[:] = 0
+            win_count[:] = 0
+            win_time, win_policy_time, win_steps = 0.0, 0.0, 0
+        if bar is not None:
+            bar.update(1)
+        if (t.save_every and step % t.save_every == 0) or is_last:
+            save()
+    if stopped and step > 0:
+        save()
+    if bar is not None:
+        bar.close()
+    metrics.close()
+
+    # ---- outputs ------------------------------------------------------------------------------
+    if info.is_main:
+        from .report import export_schedule, make_report
+
+        export_schedule(out, names, history)
+        policy.on_train_end(out, step)
+        try:
+            make_report(out)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not fail a finished run
+            log.warning("could not write report.png: %s", e)
+        log.info("done: %d steps, %d trained tokens; outputs in %s", step, tokens, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"step": step, "tokens": tokens, "input_tokens": input_tokens, "weights": sampler.weights.tolist(),
+            "fractions": sampler.fractions(), "dev_loss": None if last_dev is None else last_dev.tolist(),
+            "output_dir": str(out)}
