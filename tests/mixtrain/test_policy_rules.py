@@ -325,8 +325,8 @@ def test_mos_prior_and_prefit():
     close(mos.temperature_prior([100, 400, 25], 2.0), _norm([(n / 525) ** 0.5 for n in (100, 400, 25)]))
     close(mos.temperature_prior([1, 3], float("inf")), [0.5, 0.5])
     pol = policies.get("mos", temperature=1.0)
-    w = pol.initial_weights({"a": 2, "b": 3})
-    assert np.mean((w - np.array([0.4, 0.6])) ** 2) < 1e-10 and pol.fit_steps > 100
+    w = pol.initial_weights({"a": 9, "b": 11})
+    assert np.mean((w - np.array([0.45, 0.55])) ** 2) < 1e-10 and pol.fit_steps > 100
     uni = policies.get("mos")
     close(uni.initial_weights([5, 7, 9]), [1 / 3] * 3)
     assert uni.fit_steps == 1 and uni.scorer.opt.state[uni.scorer.params[0]]["step"] == 1  # one no-op step
