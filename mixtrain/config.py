@@ -15,24 +15,25 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 __all__ = [
+    "Config",
     "ConfigError",
-    "ModelConfig",
     "DataConfig",
     "MixingConfig",
+    "ModelConfig",
     "TrainConfig",
-    "Config",
+    "apply_overrides",
+    "config_fingerprint",
+    "demo_config",
     "from_dict",
     "load_config",
-    "apply_overrides",
-    "demo_config",
-    "config_fingerprint",
 ]
 
 
@@ -97,10 +98,10 @@ class DataConfig:
     max_length: int = 128
     train_on_prompt: bool = False
     packing: bool = False
-    builtin_size: Union[int, dict[str, int]] = 400
+    builtin_size: int | dict[str, int] = 400
     builtin_seed: int = 0
     with_replacement: bool = False
-    exhaustion: Union[str, dict[str, str]] = "cycle"
+    exhaustion: str | dict[str, str] = "cycle"
     max_epochs: int = 1
     max_dev_examples: int = 64
 

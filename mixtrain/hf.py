@@ -19,20 +19,21 @@ available in the mixtrain loop. New weights apply from the next global batch the
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
 from .data import EncodedDomain, collate
-from .data.sources import Domain
 from .data.collate import encode_domains
+from .data.sources import Domain
 from .policies import MixingPolicy, PolicyContext
 from .sampler import MixtureSampler, validate_weights
 from .signals import Signals
 
-__all__ = ["MixtureDataset", "MixtureCallback"]
+__all__ = ["MixtureCallback", "MixtureDataset"]
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,13 @@ import torch.distributed as dist
 import yaml
 
 from . import policies
-from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, ConfigError, config_fingerprint
 from .data import collate, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
@@ -34,7 +39,7 @@ from .policies import PolicyContext
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
 from .signals import LossOutput, SignalBus, dev_losses
 
-__all__ = ["train", "MetricsWriter"]
+__all__ = ["MetricsWriter", "train"]
 
 log = logging.getLogger("mixtrain")
 

@@ -18,14 +18,15 @@ All sums are all-reduced once per optimizer step, so every rank sees identical :
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Signals", "SignalBus", "LossOutput", "causal_lm_loss", "dev_losses"]
+__all__ = ["LossOutput", "SignalBus", "Signals", "causal_lm_loss", "dev_losses"]
 
 log = logging.getLogger(__name__)
 
