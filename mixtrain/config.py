@@ -159,6 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/mixtrain"
+    gradex: dict[str, Any] = field(default_factory=dict)  # parsed by mixtrain.gradex.config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (YAML/JSON serialisable)."""
@@ -243,7 +244,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
-    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir"]
+    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
@@ -251,6 +252,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         **{name: _section_from_dict(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()},
         deepspeed=_check_type("deepspeed", raw.get("deepspeed") or {}, dict[str, Any]),
         output_dir=_check_type("output_dir", raw.get("output_dir", "runs/mixtrain"), str),
+        gradex=_check_type("gradex", raw.get("gradex") or {}, dict[str, Any]),
     )
     validate(cfg)
     return cfg
@@ -405,6 +407,7 @@ def config_fingerprint(cfg: Config) -> str:
     """
     d = cfg.to_dict()
     d.pop("output_dir", None)
+    d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
               "threads", "keep_checkpoints", "eval_every"):
         d["train"].pop(k, None)
