@@ -9,9 +9,32 @@ from __future__ import annotations
 from . import _library  # noqa: F401  (defines the op schemas first)
 from . import _extension
 from ._backend import backend
-from .ops import CrossEntropyOutput, cross_entropy, linear_cross_entropy, segment_sum
+from .grad_projector import GradientProjector
+from .grad_store import GradientStore
+from .ops import (
+    factored_sketch,
+    lift,
+    project,
+    projection_matrix,
+    CrossEntropyOutput,
+    RouterStats,
+    cross_entropy,
+    linear_cross_entropy,
+    load_balancing_loss,
+    router_stats,
+    segment_sum,
+)
 
 __version__ = "0.1.0"
 __all__ = [
-    "CrossEntropyOutput", "backend", "cross_entropy", "linear_cross_entropy", "segment_sum", "__version__",
+    "CrossEntropyOutput",
+    "RouterStats",
+    "backend",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "load_balancing_loss",
+    "router_stats",
+    "segment_sum",
+    "__version__",
 ]
+__all__ += ["project", "lift", "projection_matrix", "factored_sketch", "GradientProjector", "GradientStore"]

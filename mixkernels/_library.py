@@ -68,6 +68,33 @@ SCHEMAS: dict[str, str] = {
         "cross_entropy_backward_triton(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, "
         "int ignore_index, float label_smoothing) -> Tensor"
     ),
+    # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
+    # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
+    # public RouterStats names them. The backward op is shared by both backends (one fused pass
+    # recomputing the softmax).
+    "router_stats": (
+        "router_stats(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, Tensor? mask=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_triton": (
+        "router_stats_triton(Tensor[] router_logits, int top_k, Tensor? group_ids, int num_groups, "
+        "Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "router_stats_backward": (
+        "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
+        "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
+    ),
+    # project / lift (issue 5): on-the-fly counter-hash random projections; one OpInfo ("project")
+    # chooses the backend of both, since each is the other's gradient.
+    "project": "project(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "project_triton": "project_triton(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "lift": "lift(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    "lift_triton": "lift_triton(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
+    # factored_sketch (issue 5): per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
+    "factored_sketch": "factored_sketch(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor",
+    "factored_sketch_triton": (
+        "factored_sketch_triton(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():
@@ -118,5 +145,32 @@ OPS: dict[str, OpInfo] = {
         "cross_entropy",
         auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
         why="same fused per-row kernel as linear_ce, applied to given logits",
+    ),
+    "router_stats": OpInfo(
+        "router_stats",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("cxx", "triton", "reference")},
+        why=(
+            "CUDA: the C++ kernel keeps one token's E logits in a warp's registers, selects top-k with "
+            "warp shuffles and bins [G, E] per block in shared memory; the Triton kernel handles a "
+            "token tile per program with global atomics"
+        ),
+    ),
+    "project": OpInfo(
+        "project",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("triton", "cxx", "reference")},
+        why=(
+            "serves project and lift. CPU: C++ generates R row tiles in cache and runs AVX2 FMAs "
+            "(the reference materialises R blocks in memory). CUDA: Triton's tl.dot on generated "
+            "tiles uses tensor cores; the CUDA kernel is a plain FMA tile kernel"
+        ),
+    ),
+    "factored_sketch": OpInfo(
+        "factored_sketch",
+        auto_order={"cpu": ("cxx", "reference"), "cuda": ("triton", "cxx", "reference")},
+        why=(
+            "CPU: BLAS projections + a segmented outer-product loop without the [N, k_out, k_in] "
+            "temporary. CUDA: Triton fuses both projections and the outer products per segment "
+            "with tl.dot; the CUDA kernel uses cuBLAS for the projections"
+        ),
     ),
 }

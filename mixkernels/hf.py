@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._hf_router import RouterStatsCollector  # noqa: F401  (router statistics, issue 4)
 from .ops.linear_ce import CrossEntropyOutput, linear_cross_entropy
 
 # ==== causal_lm_loss (issue 3: fused linear cross-entropy) ====================================

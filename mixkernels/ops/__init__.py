@@ -2,6 +2,18 @@
 
 from .cross_entropy import cross_entropy
 from .linear_ce import CrossEntropyOutput, linear_cross_entropy
+from .router_stats import RouterStats, load_balancing_loss, router_stats
 from .segment_sum import segment_sum
+from .project import lift, project, projection_matrix  # noqa: E402  (issue 5)
+from .factored_sketch import factored_sketch  # noqa: E402  (issue 5)
 
-__all__ = ["CrossEntropyOutput", "cross_entropy", "linear_cross_entropy", "segment_sum"]
+__all__ = [
+    "CrossEntropyOutput",
+    "RouterStats",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "load_balancing_loss",
+    "router_stats",
+    "segment_sum",
+]
+__all__ += ["project", "lift", "projection_matrix", "factored_sketch"]

@@ -1,0 +1,208 @@
+"""mixkernels.hf.RouterStatsCollector on tiny random transformers MoE models built from configs,
+compared with the naive oracle applied to ``output_router_logits=True`` outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mixkernels
+import mixkernels.hf
+from tests.ops.test_router_stats import FIELDS, assert_matches, naive_oracle
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def tiny_qwen2_moe():
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=7, num_experts_per_tok=3, decoder_sparse_step=1, mlp_only_layers=[2],
+    )
+    return transformers.Qwen2MoeForCausalLM(config).eval()
+
+
+def tiny_mixtral():
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2,
+    )
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def tiny_qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
+    )
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def tiny_olmoe():
+    config = transformers.OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=9, num_experts_per_tok=4,
+    )
+    return transformers.OlmoeForCausalLM(config).eval()
+
+
+MODELS = {"qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral, "qwen3_moe": tiny_qwen3_moe, "olmoe": tiny_olmoe}
+
+
+def _batch(batch, seq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    am = torch.ones(batch, seq, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    am[-1, -2:] = 0  # right padding
+    return ids, am
+
+
+def _oracle_from_outputs(outputs_and_batches, top_k, layers, domains, num_groups):
+    """Oracle stats over several forwards from their output_router_logits."""
+    logits = [torch.cat([out.router_logits[i] for out, _ in outputs_and_batches]) for i in layers]
+    masks = torch.cat([am.reshape(-1) for _, am in outputs_and_batches]) != 0
+    seq = [am.shape[1] for _, am in outputs_and_batches]
+    token_groups = torch.cat([d.repeat_interleave(s) for d, s in zip(domains, seq)])
+    return naive_oracle([z.detach() for z in logits], top_k, token_groups, num_groups, masks)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_collector_matches_output_router_logits_oracle(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    top_k = model.config.num_experts_per_tok
+    batches = [_batch(3, 9, 1), _batch(2, 6, 2)]  # two forwards, different shapes
+    domains = [torch.tensor([2, 0, 2]), torch.tensor([1, 2])]
+    outputs = []
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model, layers="all") as collector:
+        for ids, am in batches:
+            outputs.append((model(input_ids=ids, attention_mask=am, output_router_logits=True), am))
+    num_routers = len(outputs[0][0].router_logits)
+    assert len(collector.router_names) == num_routers
+    if name == "qwen2_moe":
+        assert num_routers == 3  # layer 2 is dense (mlp_only_layers)
+        assert all("shared_expert_gate" not in n for n in collector.router_names)
+    expected = _oracle_from_outputs(outputs, top_k, range(num_routers), domains, 3)
+    # explicit masks (a list, one per forward) ...
+    stats = collector.stats(group_ids=torch.cat(domains), num_groups=3, attention_mask=[am for _, am in batches])
+    assert_matches(stats, expected, what=name)
+    assert collector.num_forwards == 0  # reset
+
+    # ... and the masks recorded from the forwards' kwargs; the model's own aux loss agrees
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
+        out = model(input_ids=batches[0][0], attention_mask=batches[0][1], output_router_logits=True)
+    stats = collector.stats(group_ids=domains[0], num_groups=3)
+    assert_matches(stats, _oracle_from_outputs([(out, batches[0][1])], top_k, range(num_routers), domains[:1], 3))
+    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("layers", ["last", [0], [-1, 0]], ids=str)
+def test_collector_layer_selection(name, layers):
+    torch.manual_seed(1)
+    model = MODELS[name]()
+    ids, am = _batch(2, 7, 3)
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model, layers=layers) as collector:
+        out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
+    count = len(out.router_logits)
+    wanted = [count - 1] if layers == "last" else sorted({i % count for i in layers})
+    assert collector.layer_indices == wanted
+    stats = collector.stats(group_ids=torch.tensor([0, 1]), num_groups=2, attention_mask=am)
+    assert_matches(stats, _oracle_from_outputs([(out, am)], model.config.num_experts_per_tok, wanted,
+                                               [torch.tensor([0, 1])], 2))
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+def test_collector_finds_routers_and_top_k_from_config(name):
+    torch.manual_seed(2)
+    model = MODELS[name]()
+    ids, am = _batch(2, 5, 4)
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
+        out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
+    assert collector.top_k == model.config.num_experts_per_tok
+    assert len(collector.router_names) == model.config.num_hidden_layers
+    stats = collector.stats()
+    expected = _oracle_from_outputs([(out, am)], collector.top_k, range(len(out.router_logits)),
+                                    [torch.zeros(2, dtype=torch.long)], 1)
+    assert_matches(stats, expected, what=name)
+    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_collector_ignores_checkpoint_recompute():
+    torch.manual_seed(3)
+    model = tiny_qwen2_moe().train()
+    ids, am = _batch(2, 6, 5)
+    with mixkernels.hf.RouterStatsCollector(model) as plain:
+        model(input_ids=ids, attention_mask=am).logits.sum().backward()
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with mixkernels.hf.RouterStatsCollector(model) as checkpointed:
+        model(input_ids=ids, attention_mask=am).logits.sum().backward()
+    a, b = plain.stats(attention_mask=am), checkpointed.stats(attention_mask=am)
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), msg=field)
+
+
+class _UserMoE(nn.Module):
+    """A non-transformers MoE whose router is a plain nn.Linear named 'router'."""
+
+    def __init__(self, hidden=8, experts=5):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"router": nn.Linear(hidden, experts)}) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            flat = x.reshape(-1, x.shape[-1])
+            x = x + 0.1 * torch.tanh(block["router"](flat)).sum(-1, keepdim=True).view(*x.shape[:-1], 1)
+        return x
+
+
+def test_collector_user_named_linear_router():
+    torch.manual_seed(4)
+    model = _UserMoE()
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="found no MoE router"):
+        mixkernels.hf.RouterStatsCollector(model, top_k=2)
+    with pytest.raises(ValueError, match="pass top_k"):
+        mixkernels.hf.RouterStatsCollector(model, router_names=["blocks.0.router"])
+    names = ["blocks.0.router", "blocks.1.router"]
+    logits = []
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o: logits.append(o.detach())) for n in names]
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model, top_k=2, router_names=names) as collector:
+        model(x)
+    for h in handles:
+        h.remove()
+    groups = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]])  # per-token groups [B, S]
+    # the model was called with a positional tensor [B, S, H]: per-token groups map to its rows
+    stats = collector.stats(group_ids=groups, num_groups=2)
+    assert_matches(stats, naive_oracle(logits, 2, groups.reshape(-1), 2))
+    with pytest.raises(ValueError, match="router_names entry 'nope'"):
+        mixkernels.hf.RouterStatsCollector(model, top_k=2, router_names=["nope"])
+
+
+def test_collector_errors():
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match=r"layers entry 3 is out of range for 3 MoE router layers"):
+        mixkernels.hf.RouterStatsCollector(model, layers=[3])
+    with pytest.raises(ValueError, match=r"layers must be 'all', 'last'"):
+        mixkernels.hf.RouterStatsCollector(model, layers="first")
+    collector = mixkernels.hf.RouterStatsCollector(model)
+    with pytest.raises(RuntimeError, match="no router call recorded"):
+        collector.stats()
+    ids, am = _batch(2, 5, 6)
+    with torch.no_grad(), collector:
+        model(input_ids=ids, attention_mask=am)
+        model(input_ids=ids, attention_mask=am)
+    with pytest.raises(ValueError, match=r"group_ids has 3 rows but the 2 recorded forwards had batch sizes \[2, 2\]"):
+        collector.stats(group_ids=torch.zeros(3, dtype=torch.long), num_groups=1)
+    with pytest.raises(ValueError, match=r"group_ids\[\d+\] = 4 is out of range \[0, 2\)"):
+        collector.stats(group_ids=torch.tensor([0, 4, 1, 1]), num_groups=2)
+    # hooks are gone after the with-block: a further forward is not recorded
+    collector.reset()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert collector.num_forwards == 0
