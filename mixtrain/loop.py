@@ -184,6 +184,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- model + DeepSpeed ------------------------------------------------------------------
     model = build_model(cfg, tok.vocab_size)
+    policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
     wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
@@ -407,6 +408,7 @@ def train(cfg: Config) -> dict[str, Any]:
         from .report import export_schedule, make_report
 
         export_schedule(out, names, history)
+        policy.on_train_end(out, step)
         try:
             make_report(out)
         except Exception as e:  # noqa: BLE001 - a plotting problem must not fail a finished run
