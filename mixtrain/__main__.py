@@ -1,4 +1,4 @@
-"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR}``."""
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR | compare CONFIG.yaml --policies ...}``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
+    # ---- issue 9: compare ------------------------------------------------------------------
+    p = sub.add_parser("compare", help="one run per policy x seed, then comparison.md/.png vs baselines")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    p.add_argument("--policies", required=True,
+                   help="comma-separated name[:key=value...][@label] (baselines uniform, random are added)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--output", default=None, help="output directory (default <output_dir>/compare)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
+    # ---- end issue 9 ----------------------------------------------------------------------
     args = parser.parse_args(argv)
 
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
@@ -29,6 +40,20 @@ def main(argv: list[str] | None = None) -> int:
             from .report import make_report
 
             print(make_report(args.run_dir))
+            return 0
+        if args.cmd == "compare":  # issue 9
+            import logging
+
+            from .compare import run_compare
+
+            logging.basicConfig(level=logging.INFO, format="[compare] %(message)s")
+            try:
+                md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
+                                 output=args.output, jobs=args.jobs, only_report=args.report_only)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"comparison: {md} (+ comparison.png, comparison.json)")
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
