@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
     # ---- end issue 9 ----------------------------------------------------------------------
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # issue 9: `compare` accepts section.key=value overrides after its options too
+        if args.cmd != "compare" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
 
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
 
