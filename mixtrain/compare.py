@@ -50,7 +50,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -285,7 +284,21 @@ class _Job:
     marker: dict[str, Any] = field(default_factory=dict)
 
 
+def _alive(pid: Any, run_dir: Path) -> bool:
+    """Whether ``pid`` is a live process training into ``run_dir`` (Linux ``/proc``; else ``False``)."""
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, TypeError):
+        return False
+    return f"output_dir={run_dir}" in cmdline
+
+
 def _launch(job: _Job, config: str, python: str) -> None:
+    if job.marker.get("status") == "running" and _alive(job.marker.get("pid"), job.run_dir):
+        raise RuntimeError(
+            f"{job.run_dir} is still being trained by process {job.marker['pid']} (from an earlier, killed "
+            "`compare`?); stop it or wait for it before resuming"
+        )
     job.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [python, "-m", "mixtrain", "train", config, *job.overrides]
     m = job.marker
@@ -299,8 +312,11 @@ def _launch(job: _Job, config: str, python: str) -> None:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     job.t0 = time.perf_counter()
-    job.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # same process group as `compare`: killing the comparison's group (Ctrl-C, kill -- -PGID) stops its runs
+    job.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     logf.close()
+    m["pid"] = job.proc.pid
+    _write_marker(job.run_dir, m)
 
 
 def _execute(jobs: list[_Job], config: str, n_parallel: int, python: str) -> list[_Job]:
@@ -333,10 +349,8 @@ def _execute(jobs: list[_Job], config: str, n_parallel: int, python: str) -> lis
     finally:  # interrupted: do not leave orphans training in the background
         for job in running:
             if job.proc is not None and job.proc.poll() is None:
-                try:
-                    os.killpg(job.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                job.proc.terminate()
+                job.proc.wait()
     return failed
 
 

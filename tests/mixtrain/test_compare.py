@@ -172,7 +172,7 @@ def _config(tmp_path: Path) -> Path:
                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                              "max_position_embeddings": 128}, "tokenizer": "byte"},
         "data": {"builtin": ["addition"], "builtin_size": {"addition_1": 40, "addition_2": 40, "addition_3": 120},
-                 "dev_fraction": 0.1, "max_length": 64, "max_dev_examples": 8},
+                 "dev_fraction": 0.1, "max_length": 128, "max_dev_examples": 8},
         "mixing": {"policy": "uniform"},
         "train": {"steps": 4, "micro_batch_size": 4, "lr": 1e-3, "eval_every": 2, "save_every": 2, "log_every": 1,
                   "threads": 1, "tensorboard": False},
@@ -202,12 +202,14 @@ def test_compare_end_to_end_with_resume(tmp_path: Path) -> None:
             m = first / "compare_run.json"
             if m.is_file() and json.loads(m.read_text()).get("status") == "done":
                 break
-            assert proc.poll() is None, "compare exited before its first run finished"
+            log = first / "train.log"
+            assert proc.poll() is None, "compare exited early: " + (log.read_text()[-2000:] if log.is_file() else "")
             time.sleep(0.5)
         else:
             pytest.fail("first run did not finish in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the comparison and the run it had started next
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the comparison (its runs have their own sessions)
         proc.wait()
     before = (first / "metrics.jsonl").read_bytes()
     mtime = (first / "metrics.jsonl").stat().st_mtime_ns
