@@ -16,7 +16,7 @@ How an example is scored
     3. The same answer rule is applied to the decoded continuation and to the gold response;
        the example is correct iff the rule finds an answer in both and they are equal.
        Rows whose gold response yields no answer (e.g. cut by ``data.max_length``) are skipped
-       and counted in the log.
+       and counted in the log; so are rows whose response has no end-of-sequence (truncated).
 
 Answer rules (:func:`extract_answer`), applied to the text before the first end-of-sequence:
     * ``lego``: the **last** ``<var> = ±1`` in the text, as ``"<var>=±1"`` (the variable asked
@@ -110,14 +110,15 @@ def split_prompt_response(ids: Sequence[int], labels: Sequence[int], eos_token_i
                           ) -> tuple[list[int], list[int]] | None:
     """``(prompt, response)`` of a tokenised row: prompt = tokens before the first trained label,
     response = the trained tokens up to (not including) the first end-of-sequence; ``None`` when
-    the row has no trained token or no prompt."""
+    the row has no trained token, no prompt, or a response cut by ``max_length`` (no
+    end-of-sequence among its trained tokens)."""
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), None)
     if first is None or first == 0:
         return None
     resp = [int(t) for t, lab in zip(ids[first:], labels[first:]) if lab != IGNORE_INDEX]
-    if eos_token_id in resp:
-        resp = resp[: resp.index(eos_token_id)]
-    return [int(t) for t in ids[:first]], resp
+    if eos_token_id not in resp:
+        return None  # cut by max_length: the gold answer may be missing or wrong
+    return [int(t) for t in ids[:first]], resp[: resp.index(eos_token_id)]
 
 
 def build_examples(domains: Sequence[Any], tokenizer: Any, *, only: Sequence[str] | None = None,

@@ -50,8 +50,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +324,11 @@ def _launch(job: _Job, config: str, python: str) -> None:
 def _execute(jobs: list[_Job], config: str, n_parallel: int, python: str) -> list[_Job]:
     """Run the jobs, ``n_parallel`` at a time; returns the failed ones."""
     pending, running, failed = list(jobs), [], []
+
+    def _on_term(signum: int, frame: Any) -> None:  # SIGTERM: stop our runs too (finally below)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, _on_term) if threading.current_thread() is threading.main_thread() else None
     try:
         while pending or running:
             while pending and len(running) < n_parallel:
@@ -351,6 +358,8 @@ def _execute(jobs: list[_Job], config: str, n_parallel: int, python: str) -> lis
             if job.proc is not None and job.proc.poll() is None:
                 job.proc.terminate()
                 job.proc.wait()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     return failed
 
 

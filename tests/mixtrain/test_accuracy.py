@@ -60,6 +60,15 @@ def test_split_prompt_response() -> None:
     labels = [-100, -100, -100, -100, 20, 21, 258]
     assert split_prompt_response(ids, labels, 258) == ([257, 10, 11, 12], [20, 21])
     assert split_prompt_response(ids, [-100] * 7, 258) is None
+    assert split_prompt_response(ids[:-1], labels[:-1], 258) is None  # truncated: no eos
+
+
+def test_truncated_rows_are_skipped() -> None:
+    doms = load_domains(["lego_5"], {}, dev_fraction=0.5, builtin_size=20, builtin_seed=0)
+    exs, skipped = build_examples(encode_domains(doms, TOK, max_length=96), TOK)
+    assert exs == [] and skipped == {"lego_5": 10}  # every lego_5 answer is cut at 96 bytes
+    exs, skipped = build_examples(encode_domains(doms, TOK, max_length=128), TOK)
+    assert len(exs) == 10 and skipped == {}
 
 
 def _lego_domains(n: int = 40):
