@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
+            except KeyboardInterrupt:
+                print("compare interrupted; its runs were stopped. Re-run the same command to continue.",
+                      file=sys.stderr)
+                return 130
             print(f"comparison: {md} (+ comparison.png, comparison.json)")
             return 0
         if args.cmd == "train":
