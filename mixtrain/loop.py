@@ -210,6 +210,19 @@ def train(cfg: Config) -> dict[str, Any]:
                              attention_mask=batch["attention_mask"].reshape(-1))
         return st.expert_counts.to(torch.float64).cpu()
 
+    # ---- issue 9: task accuracy by greedy decoding (eval.accuracy) ------------------------------
+    acc_eval = None
+    if cfg.eval.accuracy:
+        from .accuracy import AccuracyEvaluator
+
+        try:
+            acc_eval = AccuracyEvaluator(enc, tok, only=cfg.eval.accuracy_domains, max_examples=cfg.eval.max_examples,
+                                         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                                         rank=info.rank, world_size=info.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    # ---- end issue 9 ----------------------------------------------------------------------------
+
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
 
@@ -420,6 +433,8 @@ def train(cfg: Config) -> dict[str, Any]:
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
+            if acc_eval is not None and (do_eval or is_last):  # issue 9
+                rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
             metrics.write(rec)
             if bar is not None:
                 top = sorted(zip(names, sampler.weights), key=lambda x: -x[1])[:3]
