@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import Harness, child_peak_mb, report_child_peak
+from _harness import Harness, child_peak_mb, current_rss_mb
 
 import mixkernels
 
@@ -95,11 +95,24 @@ def ours_fn(h, w, y, groups):
 IMPLS = {"floor": floor_fn, "eager": eager_fn, "ours": ours_fn}
 
 
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image from /proc (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited across fork + exec: a child started by a parent that already peaked at several GB
+    (this bench, after running eager) would otherwise report 0 growth."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 def child(impl: str, case: str, smoke: bool) -> None:
     torch.set_num_threads(2)
     inputs = make_inputs(*(SMOKE if smoke else CASES)[case])
     fn = IMPLS[impl](*inputs)
-    report_child_peak(fn)
+    before = max(current_rss_mb(), _vm_hwm_mb())
+    fn()
+    print(f"PEAK_EXTRA_MB={max(0.0, _vm_hwm_mb() - before):.1f}", flush=True)
 
 
 def measure(fn, repeat: int) -> tuple[float, float]:
