@@ -102,6 +102,13 @@ def causal_lm_loss(
             )
         group_ids = torch.nn.functional.pad(group_ids[:, 1:], (0, 1), value=0)
     weight = head.weight
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers lm_head.weight only inside lm_head's own forward, which the
+        # fused loss never calls.
+        raise NotImplementedError(
+            "mixkernels.hf.causal_lm_loss: lm_head.weight is partitioned by DeepSpeed ZeRO-3 (numel 0); "
+            "use ZeRO stage 0-2, or gather it (deepspeed.zero.GatheredParameters) around the call"
+        )
     if hidden.dtype != weight.dtype:  # e.g. autocast-free mixed setups: compute in the head's dtype
         hidden = hidden.to(weight.dtype)
     return linear_cross_entropy(
