@@ -29,9 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mixkernels  # noqa: E402
-import mixkernels.hf  # noqa: E402
-from _harness import Harness, child_peak_mb, report_child_peak  # noqa: E402
+from _harness import Harness, child_peak_mb, report_child_peak
+
+import mixkernels
+import mixkernels.hf
 
 SCRIPT = Path(__file__).resolve()
 
@@ -118,10 +119,10 @@ def collector_overhead(h: Harness, tiny: bool) -> None:
         fn()
     samples = {plain: [], hooked: [], hooked_stats: []}
     for _ in range(rounds):
-        for fn in samples:
+        for fn, times in samples.items():
             start = time.perf_counter()
             fn()
-            samples[fn].append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
     base = statistics.median(samples[plain])
     case = f"Qwen2-MoE h={model.config.hidden_size} L=4 E=16 k=4 B={batch} S={seq}"
     h.row(case=case, impl="forward (no collector)", seconds=base)
