@@ -175,7 +175,7 @@ class RouterStatsCollector:
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def __enter__(self) -> RouterStatsCollector:
+    def __enter__(self) -> RouterStatsCollector:  # noqa: PYI034
         if self._handles:
             raise RuntimeError("RouterStatsCollector is already active; it cannot be entered twice")
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))

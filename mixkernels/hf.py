@@ -19,6 +19,10 @@ _LCE_KWARGS = frozenset({"ignore_index", "label_smoothing", "reduction", "return
 
 def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """The decoder stack that returns last hidden states, and the LM head of ``model``."""
+    if hasattr(model, "get_base_model"):
+        # PEFT wrapper: PeftModelForCausalLM.model is the whole *ForCausalLM (with the LoRA
+        # layers injected), not the decoder; unwrap it before looking for the decoder.
+        model = model.get_base_model()
     head = getattr(model, "lm_head", None)
     if head is None and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()

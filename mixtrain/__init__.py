@@ -8,5 +8,5 @@ Entry points: ``python -m mixtrain train CONFIG.yaml``, ``python -m mixtrain dem
 from .config import Config, ConfigError, load_config
 from .sampler import MixtureSampler
 
-__all__ = ["Config", "ConfigError", "load_config", "MixtureSampler"]
+__all__ = ["Config", "ConfigError", "MixtureSampler", "load_config"]
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
-"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR | compare CONFIG.yaml --policies ...}``."""
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
+skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
+gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
+compare CONFIG.yaml --policies ... [--seeds ...]}``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
+    p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per short run (default 10)")
+    p.add_argument("--mode", choices=["binary", "real"], default="binary", help="edge values (default binary)")
+    p.add_argument("--out", default=None, help="output directory (default <output_dir>_graph)")
+    for name, text in (("gradex", "GradEx: meta-train, projected gradients, subset estimates, task selection"),
+                       ("gradex-validate", "GradEx: fine-tune a few subsets for real and compare with estimates")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     # ---- issue 9: compare ------------------------------------------------------------------
     p = sub.add_parser("compare", help="one run per policy x seed, then comparison.md/.png vs baselines")
     p.add_argument("config")
@@ -62,6 +76,26 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 130
             print(f"comparison: {md} (+ comparison.png, comparison.json)")
+            return 0
+        if args.cmd == "skillit-graph":
+            import logging
+
+            from .skillit_graph import learn_graph
+
+            logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+            res = learn_graph(load_config(args.config, args.overrides), steps=args.steps, mode=args.mode, out=args.out)
+            print(f"graph: {res['output_dir']}/skillit_graph.json (+ .npy, .png)")
+            return 0
+        if args.cmd in ("gradex", "gradex-validate"):
+            from .gradex import format_validation, run_gradex, run_validate
+
+            cfg = load_config(args.config, args.overrides)
+            if args.cmd == "gradex":
+                sel = run_gradex(cfg)
+                print(f"selected {len(sel['tasks'])} task(s): {', '.join(sel['tasks'])}")
+                print(f"outputs: {cfg.output_dir}/gradex (task_scores.json, selection.json, report.png)")
+            else:
+                print(format_validation(run_validate(cfg)))
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)

@@ -28,8 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointError", "list_checkpoints", "latest_checkpoint", "save_checkpoint",
-           "load_checkpoint", "atomic_write_text"]
+__all__ = [
+    "CheckpointError",
+    "atomic_write_text",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 _PAT = re.compile(r"^step-(\d+)$")
 STATE_FILE = "mixtrain_state.json"

@@ -15,25 +15,26 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 __all__ = [
+    "Config",
     "ConfigError",
-    "ModelConfig",
     "DataConfig",
     "MixingConfig",
+    "ModelConfig",
     "TrainConfig",
     "EvalConfig",
-    "Config",
+    "apply_overrides",
+    "config_fingerprint",
+    "demo_config",
     "from_dict",
     "load_config",
-    "apply_overrides",
-    "demo_config",
-    "config_fingerprint",
 ]
 
 
@@ -98,10 +99,10 @@ class DataConfig:
     max_length: int = 128
     train_on_prompt: bool = False
     packing: bool = False
-    builtin_size: Union[int, dict[str, int]] = 400
+    builtin_size: int | dict[str, int] = 400
     builtin_seed: int = 0
     with_replacement: bool = False
-    exhaustion: Union[str, dict[str, str]] = "cycle"
+    exhaustion: str | dict[str, str] = "cycle"
     max_epochs: int = 1
     max_dev_examples: int = 64
 
@@ -183,6 +184,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # issue 9
     deepspeed: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/mixtrain"
+    gradex: dict[str, Any] = field(default_factory=dict)  # parsed by mixtrain.gradex.config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (YAML/JSON serialisable)."""
@@ -268,7 +270,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
-    valid_top = ["model", "data", "mixing", "train", "eval", "deepspeed", "output_dir"]
+    valid_top = ["model", "data", "mixing", "train", "eval", "deepspeed", "output_dir", "gradex"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
@@ -276,6 +278,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         **{name: _section_from_dict(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()},
         deepspeed=_check_type("deepspeed", raw.get("deepspeed") or {}, dict[str, Any]),
         output_dir=_check_type("output_dir", raw.get("output_dir", "runs/mixtrain"), str),
+        gradex=_check_type("gradex", raw.get("gradex") or {}, dict[str, Any]),
     )
     validate(cfg)
     return cfg
@@ -412,16 +415,16 @@ def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
             "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
             "dev_fraction": 0.05,
         },
-        "mixing": {"policy": "temperature", "params": {"temperature": 2.0}},
+        "mixing": {"policy": "mos", "update_every": 20, "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 32}},
         "train": {
-            "steps": 150,
+            "steps": 120,
             "micro_batch_size": 8,
-            "grad_accum": 2,
+            "grad_accum": 1,
             "lr": 3e-3,
-            "warmup": 15,
-            "eval_every": 25,
+            "warmup": 10,
+            "eval_every": 20,
             "log_every": 5,
-            "save_every": 75,
+            "save_every": 60,
             "seed": 0,
         },
         "output_dir": output_dir,
@@ -437,6 +440,7 @@ def config_fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     d.pop("output_dir", None)
     d.pop("eval", None)  # issue 9: evaluation settings never affect training
+    d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
               "threads", "keep_checkpoints", "eval_every"):
         d["train"].pop(k, None)

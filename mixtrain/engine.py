@@ -20,12 +20,12 @@ from .config import Config, ConfigError
 
 __all__ = [
     "DistInfo",
-    "init_distributed",
-    "build_model",
-    "build_ds_config",
-    "lr_lambda",
     "LossModel",
+    "build_ds_config",
     "build_engine",
+    "build_model",
+    "init_distributed",
+    "lr_lambda",
     "on_gpu",
 ]
 
@@ -96,7 +96,7 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 m.name_or_path, local_files_only=True, torch_dtype=torch.float32, **kw
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConfigError(f"model.name_or_path: cannot load {m.name_or_path!r}: {e}") from e
     else:
         raw = dict(m.config or {})
@@ -252,7 +252,7 @@ def build_engine(cfg: Config, model: LossModel, world_size: int) -> tuple[Any, A
 
     t = cfg.train
     ds_cfg = build_ds_config(cfg, world_size)
-    warmup = int(t.warmup) if t.warmup >= 1 or t.warmup == 0 else int(round(t.warmup * t.steps))
+    warmup = int(t.warmup) if t.warmup >= 1 or t.warmup == 0 else round(t.warmup * t.steps)
     optimizer = None
     scheduler = None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,7 +267,7 @@ def build_engine(cfg: Config, model: LossModel, world_size: int) -> tuple[Any, A
         if optimizer is not None:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
         else:
-            scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)  # noqa: E731
+            scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)
     engine, opt, _, sched = deepspeed.initialize(
         model=model, model_parameters=params if optimizer is None else None,
         optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,

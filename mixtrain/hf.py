@@ -4,6 +4,7 @@
 
     ds = MixtureDataset(domains, tokenizer, global_batch_size=bs * grad_accum * world, seed=0)
     cb = MixtureCallback(mixtrain.policies.get("temperature", temperature=2.0), ds)
+    args = TrainingArguments(..., remove_unused_columns=False, dataloader_num_workers=0)
     trainer = Trainer(model, args, train_dataset=ds, data_collator=cb.collator, callbacks=[cb])
 
 The dataset is driven by the same :class:`mixtrain.sampler.MixtureSampler` (global stream,
@@ -18,20 +19,21 @@ available in the mixtrain loop. New weights apply from the next global batch the
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
 from .data import EncodedDomain, collate
-from .data.sources import Domain
 from .data.collate import encode_domains
+from .data.sources import Domain
 from .policies import MixingPolicy, PolicyContext
 from .sampler import MixtureSampler, validate_weights
 from .signals import Signals
 
-__all__ = ["MixtureDataset", "MixtureCallback"]
+__all__ = ["MixtureCallback", "MixtureDataset"]
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):
@@ -108,6 +110,11 @@ class MixtureCallback(TrainerCallback):
 
     def collator(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of dataset items into a model batch (``domain_ids`` are kept aside)."""
+        if features and "domain_id" not in features[0]:
+            raise ValueError(
+                "MixtureCallback.collator: items lack 'domain_id'; the Trainer removed it: set "
+                "TrainingArguments(remove_unused_columns=False)"
+            )
         b = collate([(f["input_ids"], f["labels"]) for f in features], [f["domain_id"] for f in features],
                     self.dataset.tokenizer.pad_token_id)
         self._pending.append((b.pop("domain_ids"), b["labels"]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,21 @@ import torch.distributed as dist
 import yaml
 
 from . import policies
-from .checkpoint import CheckpointError, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, ConfigError, config_fingerprint
 from .data import collate, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
 from .policies import PolicyContext
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
-from .signals import LossOutput, SignalBus, dev_losses, using_mixkernels
+from .signals import LossOutput, SignalBus, dev_losses
 
-__all__ = ["train", "MetricsWriter"]
+__all__ = ["MetricsWriter", "train"]
 
 log = logging.getLogger("mixtrain")
 
@@ -190,8 +195,6 @@ def train(cfg: Config) -> dict[str, Any]:
     wrapper.capture_hidden = bus.wants_hidden
     engine, _, sched, _ = build_engine(cfg, wrapper, info.world_size)
     device = engine.device
-    if not using_mixkernels():
-        log.warning("mixkernels.hf.causal_lm_loss not available: using the temporary loss shim")
 
     # ---- issue 9: task accuracy by greedy decoding (eval.accuracy) ------------------------------
     acc_eval = None
@@ -312,7 +315,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "version": 1, "step": step, "tokens": tokens, "input_tokens": input_tokens,
             "fingerprint": fingerprint, "global_batch_size": global_batch, "world_size": info.world_size,
             "domains": names, "sampler": sampler.state_dict(), "policy": policy.state_dict(),
-            "bus": bus.state_dict(), "history": history, "mixkernels_loss": using_mixkernels(),
+            "bus": bus.state_dict(), "history": history,
         }
         save_checkpoint(engine, ckpt_root, step, state, rank=info.rank, keep=t.keep_checkpoints)
 
@@ -396,6 +399,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "domain_fraction": sampler.fractions(),
                 "step_time": win_time / win_steps,
                 "policy_time": win_policy_time / win_steps,
+                "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))

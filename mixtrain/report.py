@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["read_metrics", "export_schedule", "make_report"]
+__all__ = ["export_schedule", "make_report", "read_metrics"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -27,15 +27,16 @@ treated as 0 and the others renormalised); when no domain with positive weight i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "SamplerExhausted",
     "GlobalBatch",
     "MixtureSampler",
+    "SamplerExhausted",
     "counter_uniform",
     "shard",
     "validate_weights",

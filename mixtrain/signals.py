@@ -18,14 +18,15 @@ All sums are all-reduced once per optimizer step, so every rank sees identical :
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Signals", "SignalBus", "LossOutput", "causal_lm_loss", "using_mixkernels", "dev_losses"]
+__all__ = ["LossOutput", "SignalBus", "Signals", "causal_lm_loss", "dev_losses"]
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +43,6 @@ class LossOutput:
     token_loss: torch.Tensor | None = None
 
 
-def using_mixkernels() -> bool:
-    """Whether the loss comes from ``mixkernels.hf.causal_lm_loss`` (it must in releases)."""
-    try:
-        import mixkernels.hf as mkhf  # noqa: F401
-
-        return hasattr(mkhf, "causal_lm_loss")
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-
-
-def _shim_causal_lm_loss(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    group_ids: torch.Tensor,
-    num_groups: int,
-    return_token_loss: bool,
-    reduction: str = "mean",
-) -> LossOutput:
-    # TEMPORARY SHIM, used only while mixkernels.hf.causal_lm_loss is not installed: same
-    # outputs computed with materialised logits.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    target = labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
-    ).view_as(target)
-    valid = target != -100
-    count = valid.sum()
-    loss = tok.sum() / count.clamp_min(1) if reduction == "mean" else tok.sum()
-    rows = tok.detach().sum(1)
-    gl = torch.zeros(num_groups, dtype=torch.float32).index_add_(0, group_ids, rows.float())
-    gc = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, group_ids, valid.sum(1))
-    return LossOutput(loss, gl, gc, tok.detach() if return_token_loss else None)
-
-
 def causal_lm_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -93,19 +57,17 @@ def causal_lm_loss(
     Uses ``mixkernels.hf.causal_lm_loss`` (fused, logits never materialised) with per-row
     ``group_ids`` = ``batch["domain_ids"]``.
     """
-    ids, mask, labels, groups = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["domain_ids"]
-    if using_mixkernels():
-        import mixkernels.hf as mkhf
+    import mixkernels.hf as mkhf
 
-        out = mkhf.causal_lm_loss(
-            model, ids, attention_mask=mask, labels=labels, group_ids=groups,
-            num_groups=num_groups, reduction=reduction, return_token_loss=return_token_loss,
-        )
-        return LossOutput(
-            out.loss, out.group_loss.detach().float(), out.group_count.to(torch.int64),
-            getattr(out, "token_loss", None) if return_token_loss else None,
-        )
-    return _shim_causal_lm_loss(model, ids, mask, labels, groups, num_groups, return_token_loss, reduction)
+    ids, mask, labels, groups = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["domain_ids"]
+    out = mkhf.causal_lm_loss(
+        model, ids, attention_mask=mask, labels=labels, group_ids=groups,
+        num_groups=num_groups, reduction=reduction, return_token_loss=return_token_loss,
+    )
+    tl = out.token_loss if return_token_loss else None
+    if tl is not None and tl.shape[-1] == ids.shape[-1]:
+        tl = tl[:, :-1]  # mixkernels aligns to the predicting position; the last predicts nothing
+    return LossOutput(out.loss, out.group_loss.detach().float(), out.group_count.to(torch.int64), tl)
 
 
 @dataclass

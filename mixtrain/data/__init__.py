@@ -6,8 +6,22 @@ from .sources import DataError, Domain, Record, load_domains, load_path, normali
 from .tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, encode_messages, load_tokenizer
 
 __all__ = [
-    "BUILTIN_DOMAINS", "builtin_domains", "generate", "EncodedDomain", "collate",
-    "encode_domains", "DataError", "Domain", "Record", "load_domains", "load_path",
-    "normalize_record", "read_jsonl", "IGNORE_INDEX", "ByteTokenizer", "HFTokenizer",
-    "encode_messages", "load_tokenizer",
+    "BUILTIN_DOMAINS",
+    "IGNORE_INDEX",
+    "ByteTokenizer",
+    "DataError",
+    "Domain",
+    "EncodedDomain",
+    "HFTokenizer",
+    "Record",
+    "builtin_domains",
+    "collate",
+    "encode_domains",
+    "encode_messages",
+    "generate",
+    "load_domains",
+    "load_path",
+    "load_tokenizer",
+    "normalize_record",
+    "read_jsonl",
 ]

@@ -23,14 +23,14 @@ import ast
 import importlib.util
 import inspect
 import textwrap
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
-from typing import Iterator, Mapping
 
 import numpy as np
 
 from .sources import DataError, Record
 
-__all__ = ["BUILTIN_DOMAINS", "LEGO_SKILLS", "ADDITION_SKILLS", "builtin_domains", "generate"]
+__all__ = ["ADDITION_SKILLS", "BUILTIN_DOMAINS", "LEGO_SKILLS", "builtin_domains", "generate"]
 
 LEGO_SKILLS = 5
 ADDITION_SKILLS = 3

@@ -8,15 +8,15 @@ packed SFT without varlen kernels. A row keeps exactly one domain, so per-domain
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .sources import Domain, Record
 from .tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, encode_messages
 
-__all__ = ["EncodedDomain", "encode_records", "encode_domains", "collate"]
+__all__ = ["EncodedDomain", "collate", "encode_domains", "encode_records"]
 
 Row = tuple[list[int], list[int]]
 

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "DataError",
-    "Record",
     "Domain",
+    "Record",
+    "load_domains",
+    "load_path",
     "normalize_record",
     "read_jsonl",
-    "load_path",
     "split_dev",
-    "load_domains",
 ]
 
 
@@ -163,7 +164,7 @@ def split_dev(name: str, records: list[Record], fraction: float) -> tuple[list[R
     n = len(records)
     if fraction <= 0 or n < 2:
         return list(records), []
-    n_dev = min(n - 1, max(1, int(round(fraction * n))))
+    n_dev = min(n - 1, max(1, round(fraction * n)))
     perm = np.random.Generator(np.random.Philox(_name_seed(name, "dev"))).permutation(n)
     dev_idx = set(perm[:n_dev].tolist())
     train = [r for i, r in enumerate(records) if i not in dev_idx]

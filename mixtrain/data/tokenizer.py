@@ -14,15 +14,16 @@ Labels are ``-100`` on everything except assistant turns (and their end-of-turn 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 __all__ = [
-    "Tokenizer",
+    "IGNORE_INDEX",
     "ByteTokenizer",
     "HFTokenizer",
-    "load_tokenizer",
+    "Tokenizer",
     "encode_messages",
-    "IGNORE_INDEX",
+    "load_tokenizer",
 ]
 
 IGNORE_INDEX = -100
@@ -83,7 +84,7 @@ class HFTokenizer:
 
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        except Exception as e:
             raise ValueError(
                 f"model.tokenizer: cannot load a tokenizer from {path!r} "
                 f"(expected 'byte' or a local tokenizer directory): {e}"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .base import SIGNALS, MixingPolicy, PolicyContext, sizes_and_names
 
-__all__ = ["MixingPolicy", "PolicyContext", "SIGNALS", "register", "get", "available", "sizes_and_names"]
+__all__ = ["SIGNALS", "MixingPolicy", "PolicyContext", "available", "get", "register", "sizes_and_names"]
 
 _REGISTRY: dict[str, type[MixingPolicy]] = {}
 T = TypeVar("T", bound=type[MixingPolicy])
@@ -72,4 +73,4 @@ def get(name: str, **params: Any) -> MixingPolicy:
         raise ValueError(f"policy {name!r}: bad parameters {params}: {e}") from None
 
 
-from . import static as _static  # noqa: E402,F401  (registers the built-in policies)
+from . import static as _static  # noqa: F401  (registers the built-in policies)

@@ -7,22 +7,23 @@ was expected, so a policy fed a broken signal fails loudly instead of sampling f
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
+    "as_matrix",
     "as_vector",
     "as_weights",
-    "as_matrix",
-    "check_prob",
-    "check_nonneg_float",
     "check_int",
+    "check_nonneg_float",
+    "check_prob",
     "choice",
     "policy_rng",
-    "tensor_to_json",
     "tensor_from_json",
+    "tensor_to_json",
 ]
 
 Array = Any  # numpy array, torch tensor, or nested sequence

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class MixingPolicy(ABC):
         sizes, _ = sizes_and_names(domain_sizes)
         return np.full(len(sizes), 1.0 / len(sizes))
 
-    def update(self, step: int, signals: "Signals") -> np.ndarray | None:
+    def update(self, step: int, signals: Signals) -> np.ndarray | None:
         """New weights after optimizer step ``step`` (``None`` keeps the current ones)."""
         return None
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from . import register
 from ._util import as_vector, as_weights, check_int, check_nonneg_float, check_prob, choice, policy_rng
 from .base import MixingPolicy, PolicyContext, sizes_and_names
 
-__all__ = ["update_weights", "DoReMi"]
+__all__ = ["DoReMi", "update_weights"]
 
 log = logging.getLogger("mixtrain")
 
@@ -225,7 +226,7 @@ def _load_reference(path: str, ctx: PolicyContext) -> Any:
 
     try:
         ref = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ValueError(f"reference: cannot load checkpoint {path!r}: {e}") from e
     ref.eval()
 

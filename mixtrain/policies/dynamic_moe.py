@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from . import register
 from ._util import as_matrix, as_weights, check_int, check_nonneg_float, check_prob
 from .base import MixingPolicy, PolicyContext, sizes_and_names
 
-__all__ = ["update_weights", "distances", "DynamicMoE", "router_parameters", "gate_parameters"]
+__all__ = ["DynamicMoE", "distances", "gate_parameters", "router_parameters", "update_weights"]
 
 log = logging.getLogger("mixtrain")
 

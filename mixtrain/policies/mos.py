@@ -48,16 +48,26 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import register
-from ._util import as_vector, check_int, check_prob, choice, names_index, policy_rng, tensor_from_json, tensor_to_json
+from ._util import (
+    as_vector,
+    check_int,
+    check_prob,
+    choice,
+    names_index,
+    policy_rng,
+    tensor_from_json,
+    tensor_to_json,
+)
 from .base import MixingPolicy, PolicyContext, check_positive_finite, sizes_and_names
 
-__all__ = ["temperature_prior", "Scorer", "MixtureOfSkills"]
+__all__ = ["MixtureOfSkills", "Scorer", "temperature_prior"]
 
 log = logging.getLogger("mixtrain")
 

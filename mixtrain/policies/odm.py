@@ -36,8 +36,9 @@ commit 24cf29e of alon-albalak/online-data-mixing), differences noted:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from . import register
 from ._util import as_vector, check_int, check_nonneg_float, check_prob
 from .base import MixingPolicy, sizes_and_names
 
-__all__ = ["ODMState", "init_state", "epsilon", "update", "ODM"]
+__all__ = ["ODM", "ODMState", "epsilon", "init_state", "update"]
 
 MODES = ("smoothed_mean", "exp3")
 

@@ -38,8 +38,9 @@ Released-code behaviours deliberately *not* reproduced (documented deviations):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from . import register
 from ._util import as_matrix, as_vector, as_weights, check_int, check_nonneg_float
 from .base import MixingPolicy, sizes_and_names
 
-__all__ = ["load_graph", "prepare_graph", "mixture", "lone_nodes", "SkillIt"]
+__all__ = ["SkillIt", "load_graph", "lone_nodes", "mixture", "prepare_graph"]
 
 
 def load_graph(source: Any, skills: Sequence[str] | None = None) -> np.ndarray:

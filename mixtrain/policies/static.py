@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ..sampler import validate_weights
 from . import register
 from .base import MixingPolicy, check_positive_finite, sizes_and_names
 
-__all__ = ["Uniform", "Proportional", "Temperature", "Fixed", "Schedule"]
+__all__ = ["Fixed", "Proportional", "Schedule", "Temperature", "Uniform"]
 
 
 @register("uniform")

@@ -120,3 +120,12 @@ def test_registry_lazy_import_and_signal_names():
 
     q = policies.get("dev_needing_test_policy")
     assert q.requires_dev and "dev_needing_test_policy" in policies.available()
+
+
+def test_configs_parse_and_demo_file_matches_embedded():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for p in sorted(root.glob("*.yaml")):
+        load_config(p)
+    assert load_config(root / "demo.yaml") == from_dict(demo_config())

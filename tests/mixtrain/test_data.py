@@ -9,7 +9,13 @@ import re
 import pytest
 
 from mixtrain.data import (
-    ByteTokenizer, DataError, collate, encode_messages, generate, load_domains, load_path,
+    ByteTokenizer,
+    DataError,
+    collate,
+    encode_messages,
+    generate,
+    load_domains,
+    load_path,
 )
 from mixtrain.data.sources import split_dev
 
@@ -23,7 +29,7 @@ def test_builtin_is_deterministic_and_seeded():
 
 
 def _resolve_lego(prompt: str) -> dict[str, int]:
-    clauses, question = prompt.split(". What is ")
+    clauses, _question = prompt.split(". What is ")
     env: dict[str, int] = {}
     rules = [c.split(" = ") for c in clauses.split("; ")]
     while len(env) < len(rules):
@@ -61,7 +67,7 @@ def test_math_worked_answers_are_correct():
         lines = r.messages[1][1].splitlines()
         for line in lines[:-1]:
             expr, res = line.replace(" per day", "").split(" = ")
-            assert eval(expr, {}) == int(res)  # noqa: S307 - our own generated arithmetic
+            assert eval(expr, {}) == int(res)
         assert lines[-1] == f"Answer: {lines[-2].split(' = ')[1].split()[0]}"
 
 
@@ -165,3 +171,19 @@ def test_collate_pads_and_keeps_domains():
     assert b["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["domain_ids"].tolist() == [2, 0]
+
+
+def test_packing_concatenates_rows_of_a_domain():
+    from mixtrain.data.collate import encode_records
+
+    tok = ByteTokenizer()
+    recs = generate("lego_2", 10, 0)
+    rows = encode_records(tok, recs, max_length=64, train_on_prompt=False)
+    packed = encode_records(tok, recs, max_length=64, train_on_prompt=False, packing=True)
+    flat_ids = [x for ids, _ in packed for x in ids]
+    flat_lab = [x for _, lab in packed for x in lab]
+    full = [encode_messages(tok, r.as_messages(), max_length=10**6) for r in recs]
+    assert flat_ids == [x for ids, _ in full for x in ids]
+    assert flat_lab == [x for _, lab in full for x in lab]
+    assert all(len(ids) == 64 for ids, _ in packed[:-1]) and len(packed) == -(-len(flat_ids) // 64)
+    assert all(len(ids) <= 64 for ids, _ in rows)

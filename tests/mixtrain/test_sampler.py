@@ -100,7 +100,7 @@ def test_realised_fractions_chi_square():
     for _ in range(300):
         sp.next_global_batch()
     counts = np.array(sp.drawn)
-    chi2, p = stats.chisquare(counts, counts.sum() * w)
+    _chi2, p = stats.chisquare(counts, counts.sum() * w)
     assert p > 1e-3, (counts, p)
     fr = sp.fractions()
     assert abs(fr["0"] - 0.5) < 0.02

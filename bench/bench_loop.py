@@ -1,0 +1,232 @@
+"""mixtrain loop vs HF Trainer: training tokens/s with the same DeepSpeed config, model, batch and
+data stream; and the cost of the per-domain loss signals.
+
+Both trainers run in fresh child processes (one rank, DeepSpeed CPU accelerator, gloo, fp32) on
+the same tiny Llama (random init, same seed), the same global sample stream (``MixtureDataset``
+drives the HF Trainer, the mixtrain sampler drives mixtrain) and the same DeepSpeed config
+(ZeRO stage, micro batch, grad accumulation, clipping, AdamW). Tokens/s counts non-pad input
+tokens over the steps after ``--warmup``.
+
+Signal overhead: one optimizer step of the mixtrain ``LossModel`` (forward, backward, AdamW)
+with per-domain ``group_ids`` + the signal bus accumulate/all-reduce, against the same step
+without groups (``num_groups = 1``, no bus).
+
+    python bench/bench_loop.py            # default size
+    python bench/bench_loop.py --tiny     # smoke size (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+DOMAINS = ["code", "docs", "math", "lego_2", "addition_2"]
+
+
+def _model_cfg(a: argparse.Namespace) -> dict:
+    return {"model_type": "llama", "hidden_size": a.hidden, "intermediate_size": a.hidden * 3,
+            "num_hidden_layers": a.layers, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 512, "tie_word_embeddings": False}
+
+
+def _config(a: argparse.Namespace, out: str) -> dict:
+    return {
+        "model": {"config": _model_cfg(a), "tokenizer": "byte"},
+        "data": {"builtin": DOMAINS, "builtin_size": 200, "max_length": a.seq, "dev_fraction": 0.0},
+        "mixing": {"policy": "uniform"},
+        "train": {"steps": a.steps, "micro_batch_size": a.mbs, "grad_accum": a.ga, "lr": 1e-3, "warmup": 0,
+                  "lr_schedule": "constant", "zero_stage": a.zero, "log_every": 1, "save_every": 0,
+                  "progress": False, "tensorboard": False, "seed": 0, "grad_clip": 1.0, "threads": a.threads},
+        "output_dir": out,
+    }
+
+
+def child_mixtrain(a: argparse.Namespace) -> None:
+    from mixtrain.checkpoint import list_checkpoints  # noqa: F401  (import cost outside timing)
+    from mixtrain.config import from_dict
+    from mixtrain.loop import train
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = from_dict(_config(a, d))
+        train(cfg)
+        recs = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    recs = recs[a.warmup:]
+    toks = recs[-1]["input_tokens"] - recs[0]["input_tokens"] + 0.0
+    secs = sum(r["step_time"] for r in recs[1:])
+    print(f"RESULT={json.dumps({'tokens_per_s': toks / secs, 'step_s': secs / (len(recs) - 1)})}", flush=True)
+
+
+def child_hf(a: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from mixtrain import policies
+    from mixtrain.config import from_dict
+    from mixtrain.data import ByteTokenizer, encode_domains, load_domains
+    from mixtrain.engine import build_ds_config
+    from mixtrain.hf import MixtureCallback, MixtureDataset
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(29500 + os.getpid() % 1000))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = from_dict(_config(a, "unused"))
+    tok = ByteTokenizer()
+    doms = load_domains(DOMAINS, {}, dev_fraction=0.0, builtin_size=200, builtin_seed=0)
+    enc = encode_domains(doms, tok, max_length=a.seq)
+    ds = MixtureDataset(enc, tok, global_batch_size=a.mbs * a.ga, seed=0)
+    cb = MixtureCallback(policies.get("uniform"), ds)
+    raw = dict(_model_cfg(a))
+    raw["vocab_size"] = tok.vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+    ds_cfg = build_ds_config(cfg, 1)
+    ds_cfg["train_batch_size"] = "auto"
+    ds_cfg["gradient_clipping"] = "auto"
+    times: list[float] = []
+    tokens: list[int] = []
+    orig_collate = cb.collator
+
+    def counting_collate(features):
+        b = orig_collate(features)
+        tokens.append(int(b["attention_mask"].sum()))
+        return b
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as d:
+        args = TrainingArguments(
+            output_dir=d, max_steps=a.steps, per_device_train_batch_size=a.mbs, gradient_accumulation_steps=a.ga,
+            learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+            weight_decay=0.0, report_to=[], logging_steps=10**6, save_strategy="no", deepspeed=ds_cfg,
+            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collate,
+                          callbacks=[cb, Timer()])
+        trainer.train()
+    per_step = a.mbs * a.ga
+    # tokens[] has one entry per micro-batch (plus possible prefetch); align to optimizer steps
+    step_tokens = [sum(tokens[i * a.ga:(i + 1) * a.ga]) for i in range(len(times))]
+    del per_step
+    sel = slice(a.warmup + 1, len(times))
+    print(f"RESULT={json.dumps({'tokens_per_s': sum(step_tokens[sel]) / sum(times[sel]), 'step_s': sum(times[sel]) / len(times[sel])})}",
+          flush=True)
+
+
+def child_signals(a: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from mixtrain.config import from_dict
+    from mixtrain.data import ByteTokenizer, collate, encode_domains, load_domains
+    from mixtrain.engine import LossModel, build_engine, build_model, init_distributed
+    from mixtrain.signals import SignalBus
+
+    init_distributed()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = from_dict(_config(a, "unused"))
+    tok = ByteTokenizer()
+    enc = encode_domains(load_domains(DOMAINS, {}, dev_fraction=0.0, builtin_size=200, builtin_seed=0), tok,
+                         max_length=a.seq)
+    rng = np.random.default_rng(0)
+    rows = [(int(d), int(rng.integers(enc[d].size))) for d in rng.integers(len(enc), size=a.mbs)]
+    batch = collate([enc[d].train[e] for d, e in rows], [d for d, _ in rows], tok.pad_token_id)
+    res = {}
+    for mode in ("groups", "nogroups", "groups", "nogroups"):
+        torch.manual_seed(0)
+        groups = mode == "groups"
+        wrapper = LossModel(build_model(cfg, tok.vocab_size), len(enc) if groups else 1)
+        engine, *_ = build_engine(cfg, wrapper, 1)
+        bus = SignalBus([e.name for e in enc]) if groups else None
+        b = dict(batch) if groups else {**batch, "domain_ids": torch.zeros_like(batch["domain_ids"])}
+
+        def step():
+            for _ in range(a.ga):
+                out = engine(**b)
+                engine.backward(out["loss"])
+                engine.step()
+                if bus is not None:
+                    from mixtrain.signals import LossOutput
+
+                    bus.add_micro(b, LossOutput(out["loss"], out["group_loss"], out["group_count"]))
+            if bus is not None:
+                bus.end_step()
+
+        for _ in range(3):
+            step()
+        ts = []
+        for _ in range(a.steps):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+        res[mode] = min(res.get(mode, 1e9), float(np.median(ts)))
+    print(f"RESULT={json.dumps(res)}", flush=True)
+
+
+def _run_child(kind: str, argv: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, env=env, check=False,
+                       cwd=ROOT)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT="):
+            return json.loads(line[7:])
+    raise RuntimeError(f"child {kind} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", choices=["mixtrain", "hf", "signals"])
+    ap.add_argument("--tiny", action="store_true", help="smoke size")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--mbs", type=int, default=8)
+    ap.add_argument("--ga", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if a.tiny:
+        a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup = 32, 1, 208, 2, 1, 6, 2
+    if a.child:
+        {"mixtrain": child_mixtrain, "hf": child_hf, "signals": child_signals}[a.child](a)
+        return
+    from _harness import Harness
+
+    argv = [f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "seq", "mbs", "ga", "zero", "steps", "warmup",
+                                                "threads")]
+    case = f"llama h{a.hidden} L{a.layers} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
+    h = Harness("loop")
+    hf = _run_child("hf", argv)
+    mt = _run_child("mixtrain", argv)
+    h.row(case=case, impl="mixtrain", seconds=mt["step_s"], baseline="HF Trainer+DeepSpeed",
+          baseline_seconds=hf["step_s"], tokens_per_s=round(mt["tokens_per_s"]),
+          baseline_tokens_per_s=round(hf["tokens_per_s"]),
+          tokens_per_s_ratio=round(mt["tokens_per_s"] / hf["tokens_per_s"], 3))
+    sig = _run_child("signals", argv)
+    h.row(case=case, impl="step with per-domain signals", seconds=sig["groups"], baseline="same step, no groups",
+          baseline_seconds=sig["nogroups"],
+          signal_overhead_pct=round(100 * (sig["groups"] - sig["nogroups"]) / sig["nogroups"], 2))
+    h.finish()
+
+
+if __name__ == "__main__":
+    main()
