@@ -435,14 +435,16 @@ def config_fingerprint(cfg: Config) -> str:
     """Hash of everything that must match for a checkpoint to be resumable by this config.
 
     Excludes fields that may legitimately change on resume (``steps``, logging/saving cadence,
-    ``resume``, ``progress``, ``output_dir``, ``threads``, ``keep_checkpoints``).
+    ``resume``, ``progress``, ``output_dir``, ``threads``, ``keep_checkpoints``, and the split of
+    the global batch into ``micro_batch_size`` x ``grad_accum``, so a run can resume at another
+    world size; the loop checks the global batch size itself).
     """
     d = cfg.to_dict()
     d.pop("output_dir", None)
     d.pop("eval", None)  # issue 9: evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
-              "threads", "keep_checkpoints", "eval_every"):
+              "threads", "keep_checkpoints", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

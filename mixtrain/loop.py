@@ -141,11 +141,6 @@ def _check_start(cfg: Config, policy: policies.MixingPolicy, enc: list[Any]) -> 
                 f"policy {cfg.mixing.policy!r} needs dev losses but domain(s) {missing} have no dev "
                 "split; set data.dev_fraction > 0 or give {train, dev} paths"
             )
-    if "router_stats" in policy.required_signals:
-        raise ConfigError(
-            f"policy {cfg.mixing.policy!r} needs router_stats, which the core loop does not collect "
-            "yet (mixkernels.hf.RouterStatsCollector integration is pending)"
-        )
     for d in enc:
         if not any(any(l != -100 for l in lab[1:]) for _, lab in d.train):
             raise ConfigError(
@@ -193,6 +188,16 @@ def train(cfg: Config) -> dict[str, Any]:
     wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
+    collector = None
+    if "router_stats" in policy.required_signals:
+        from mixkernels.hf import RouterStatsCollector
+
+        try:
+            collector = RouterStatsCollector(model, layers=policy.router_layers)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"policy {cfg.mixing.policy!r} needs router_stats but the model has no "
+                              f"MoE routers mixkernels can hook: {e}") from e
+        collector.__enter__()
     engine, _, sched, _ = build_engine(cfg, wrapper, info.world_size)
     device = engine.device
 
@@ -208,6 +213,15 @@ def train(cfg: Config) -> dict[str, Any]:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     # ---- end issue 9 ----------------------------------------------------------------------------
+
+    def router_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert collector is not None
+        # per-token ids/mask [B*S]: the fused loss calls the decoder directly, so the collector's
+        # model-level pre-hook does not see the batch shape
+        s_len = batch["input_ids"].shape[1]
+        st = collector.stats(group_ids=batch["domain_ids"].repeat_interleave(s_len), num_groups=len(names),
+                             attention_mask=batch["attention_mask"].reshape(-1))
+        return st.expert_counts.to(torch.float64).cpu()
 
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
@@ -252,6 +266,18 @@ def train(cfg: Config) -> dict[str, Any]:
             wrapper.return_token_loss = old
             engine.train()
 
+    @torch.no_grad()
+    def forward_router_stats(batch: dict[str, torch.Tensor]) -> np.ndarray:
+        if collector is None:
+            raise RuntimeError("forward_router_stats: the policy did not declare 'router_stats'")
+        engine.eval()
+        try:
+            collector.reset()
+            engine(**batch)
+            return router_counts(batch).numpy()
+        finally:
+            engine.train()
+
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(x)
@@ -266,6 +292,7 @@ def train(cfg: Config) -> dict[str, Any]:
         rank=info.rank, world_size=info.world_size, seed=t.seed,
         batches=lambda d, idx, split="train": make_batch([(d, int(i)) for i in idx], split),
         forward_hidden=forward_hidden, forward_losses=forward_losses, all_reduce=all_reduce,
+        forward_router_stats=forward_router_stats,
     )
     policy.setup(ctx)
     w0 = _broadcast_weights(validate_weights(policy.initial_weights(dict(zip(names, sizes))), len(names), names))
@@ -347,11 +374,14 @@ def train(cfg: Config) -> dict[str, Any]:
         scale = t.grad_accum * info.world_size / max(1, n_global)
         for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum):
             batch = make_batch(rows)
+            if collector is not None:
+                collector.reset()  # drop router calls of evals / policy probes since the last step
             res = engine(**batch, loss_scale=scale)
+            router = router_counts(batch) if collector is not None else None
             engine.backward(res["loss"])
             engine.step()
             bus.add_micro(batch, LossOutput(res["loss"], res["group_loss"], res["group_count"],
-                                            res.get("token_loss")), hidden=res.get("hidden"))
+                                            res.get("token_loss")), hidden=res.get("hidden"), router=router)
         step += 1
         st = bus.end_step()
         tokens += int(st["count"].sum())
@@ -420,6 +450,8 @@ def train(cfg: Config) -> dict[str, Any]:
         save()
     if bar is not None:
         bar.close()
+    if collector is not None:
+        collector.remove()
     metrics.close()
 
     # ---- outputs ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
   policy updates when the policy requires it).
 * ``domain_embedding``: per-domain mean of the mean-pooled last hidden state of the sampled
   training rows (forward hook on the decoder; no extra forward).
-* ``router_stats``: per-domain MoE router statistics via ``mixkernels.hf.RouterStatsCollector``.
+* ``router_stats``: per-domain top-k expert counts ``[L, D, E]`` of the training micro-batches
+  (pads excluded) via ``mixkernels.hf.RouterStatsCollector`` + ``mixkernels.router_stats``.
 * ``example_loss``: per-row mean token loss and domain of every sampled row.
 
 All sums are all-reduced once per optimizer step, so every rank sees identical :class:`Signals`.
@@ -75,7 +76,11 @@ class Signals:
     """Everything a policy may read at an update (identical on all ranks).
 
     Arrays are indexed by domain in sampler order (``domain_names``). Fields not requested by
-    the policy are ``None``.
+    the policy are ``None``. Over the interval since the previous update: ``train_loss_sum`` /
+    ``train_token_count`` (label tokens), ``input_tokens`` (non-pad tokens), ``fractions`` (of
+    sampled rows); ``domain_embedding`` [D, H]; ``router_stats`` [L, D, E] top-k expert counts;
+    ``example_loss`` = (domain ids, per-row mean token loss). ``dev_domain_loss`` [D] is fresh
+    at this step.
     """
 
     step: int
@@ -88,6 +93,7 @@ class Signals:
     domain_embedding: np.ndarray | None = None
     router_stats: np.ndarray | None = None
     example_loss: tuple[np.ndarray, np.ndarray] | None = None
+    input_tokens: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,6 +125,7 @@ class SignalBus:
         self.iv_loss = np.zeros(self.d)
         self.iv_count = np.zeros(self.d, dtype=np.int64)
         self.iv_samples = np.zeros(self.d, dtype=np.int64)
+        self.iv_inputs = np.zeros(self.d, dtype=np.int64)
         self.iv_emb: np.ndarray | None = None
         self.iv_emb_n = np.zeros(self.d)
         self.iv_router: np.ndarray | None = None
@@ -211,6 +218,7 @@ class SignalBus:
         self.iv_loss += loss
         self.iv_count += count
         self.iv_samples += samples
+        self.iv_inputs += inputs
         self._reset_step()
         return {"loss_sum": loss, "count": count, "samples": samples, "input_tokens": inputs}
 
@@ -221,6 +229,7 @@ class SignalBus:
             "loss": self.iv_loss.tolist(),
             "count": self.iv_count.tolist(),
             "samples": self.iv_samples.tolist(),
+            "inputs": self.iv_inputs.tolist(),
             "emb": None if self.iv_emb is None else self.iv_emb.tolist(),
             "emb_n": self.iv_emb_n.tolist(),
             "router": None if self.iv_router is None else self.iv_router.tolist(),
@@ -232,6 +241,7 @@ class SignalBus:
         self.iv_loss = np.asarray(state["loss"], dtype=np.float64)
         self.iv_count = np.asarray(state["count"], dtype=np.int64)
         self.iv_samples = np.asarray(state["samples"], dtype=np.int64)
+        self.iv_inputs = np.asarray(state["inputs"], dtype=np.int64)
         self.iv_emb = None if state["emb"] is None else np.asarray(state["emb"], dtype=np.float64)
         self.iv_emb_n = np.asarray(state["emb_n"], dtype=np.float64)
         self.iv_router = None if state["router"] is None else np.asarray(state["router"], dtype=np.float64)
@@ -258,10 +268,12 @@ class SignalBus:
             domain_embedding=emb if "domain_embedding" in self.required else None,
             router_stats=self.iv_router.copy() if self.iv_router is not None else None,
             example_loss=ex if "example_loss" in self.required else None,
+            input_tokens=self.iv_inputs.copy(),
         )
         self.iv_loss[:] = 0
         self.iv_count[:] = 0
         self.iv_samples[:] = 0
+        self.iv_inputs[:] = 0
         self.iv_emb, self.iv_emb_n[:] = None, 0
         self.iv_router = None
         self.iv_examples = []

@@ -69,6 +69,10 @@ class PolicyContext:
             no grad; restores train mode).
         forward_losses: ``forward_losses(batch)`` → per-example mean token loss ``[B]`` (eval
             mode, no grad).
+        forward_router_stats: MoE models, when the policy requires ``router_stats``:
+            ``forward_router_stats(batch)`` → top-k expert counts ``[L, D, E]`` (numpy, per
+            domain of ``batch["domain_ids"]``, pads excluded) of an eval-mode forward, for the
+            router layers chosen by the policy's ``router_layers``.
         all_reduce: ``all_reduce(tensor)`` → sum over ranks (identity on one process).
         sampler: the :class:`mixtrain.sampler.MixtureSampler` (read-only use).
     """
@@ -85,6 +89,7 @@ class PolicyContext:
     batches: Callable[..., dict[str, Any]] | None = None
     forward_hidden: Callable[[dict[str, Any]], Any] | None = None
     forward_losses: Callable[[dict[str, Any]], Any] | None = None
+    forward_router_stats: Callable[[dict[str, Any]], Any] | None = None
     all_reduce: Callable[[Any], Any] = lambda t: t
     sampler: Any = None
 
@@ -104,6 +109,8 @@ class MixingPolicy(ABC):
         name: registry name.
         required_signals: subset of :data:`SIGNALS` that :meth:`update` reads.
         needs_dev: the policy needs dev splits (implied by ``dev_domain_loss``).
+        router_layers: which MoE router layers ``router_stats`` covers: ``"last"`` (DynSFT),
+            ``"all"`` or a tuple of indices (negative allowed).
 
     Instance attributes:
         update_every: call :meth:`update` every this many optimizer steps; ``None`` = never
@@ -113,6 +120,7 @@ class MixingPolicy(ABC):
     name: ClassVar[str] = "base"
     required_signals: ClassVar[frozenset[str]] = frozenset()
     needs_dev: ClassVar[bool] = False
+    router_layers: ClassVar[str | tuple[int, ...]] = "last"
 
     def __init__(self, update_every: int | None = None) -> None:
         self.update_every = update_every

@@ -62,3 +62,47 @@ class Probe(policies.MixingPolicy):
 
     def load_state_dict(self, state):
         self.log = state["log"]
+
+
+@policies.register("_probe_router")
+class ProbeRouter(policies.MixingPolicy):
+    name = "_probe_router"
+    required_signals = frozenset({"router_stats"})
+    router_layers = "all"
+
+    def __init__(self, update_every: int | None = 2) -> None:
+        super().__init__(update_every)
+        self.log: list[dict] = []
+
+    def update(self, step, s):
+        ctx = self.ctx
+        batch = ctx.batches(0, [0, 1]) | {}
+        batch["domain_ids"] = torch.tensor([0, 2])
+        ours = ctx.forward_router_stats(batch)  # [L, D, E]
+        model = ctx.model
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_router_logits=True)
+        model.train(was)
+        k = model.config.num_experts_per_tok
+        ref = np.zeros_like(ours)
+        mask = batch["attention_mask"].reshape(-1).bool()
+        rows = torch.arange(batch["input_ids"].shape[0]).repeat_interleave(batch["input_ids"].shape[1])
+        for li, logits in enumerate(out.router_logits):
+            top = logits.float().topk(k, dim=-1).indices[mask]
+            dom = batch["domain_ids"][rows[mask]]
+            for d, t in zip(dom.repeat_interleave(k).tolist(), top.reshape(-1).tolist()):
+                ref[li, d, t] += 1
+        self.log.append({
+            "step": step,
+            "probe_equal": bool(np.array_equal(ours, ref)),
+            "shape": list(s.router_stats.shape),
+            "per_layer_domain_totals": s.router_stats.sum(-1).tolist(),
+            "input_tokens": s.input_tokens.tolist(),
+            "top_k": k,
+        })
+        with open(os.environ["PROBE_OUT"], "w") as f:
+            json.dump(self.log, f)
+        return None
