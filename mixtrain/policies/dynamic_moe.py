@@ -302,8 +302,9 @@ class DynamicMoE(MixingPolicy):
                     batch = ctx.batches(di, rows, "dev")
                     with RouterStatsCollector(model, top_k=self.top_k, layers=self.layers) as col:
                         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    am = batch["attention_mask"]
                     st = col.stats(group_ids=batch["domain_ids"], num_groups=d,
-                                   attention_mask=None if self.include_padding else batch["attention_mask"])
+                                   attention_mask=torch.ones_like(am) if self.include_padding else am)
                     counts = st.expert_counts.to(torch.float64).sum(0).cpu()  # [G, E]
                     if not real:
                         counts = torch.zeros_like(counts)

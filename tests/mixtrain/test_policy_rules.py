@@ -325,8 +325,8 @@ def test_mos_prior_and_prefit():
     close(mos.temperature_prior([100, 400, 25], 2.0), _norm([(n / 525) ** 0.5 for n in (100, 400, 25)]))
     close(mos.temperature_prior([1, 3], float("inf")), [0.5, 0.5])
     pol = policies.get("mos", temperature=1.0)
-    w = pol.initial_weights({"a": 2, "b": 3})
-    assert np.mean((w - np.array([0.4, 0.6])) ** 2) < 1e-10 and pol.fit_steps > 100
+    w = pol.initial_weights({"a": 9, "b": 11})
+    assert np.mean((w - np.array([0.45, 0.55])) ** 2) < 1e-10 and pol.fit_steps > 100
     uni = policies.get("mos")
     close(uni.initial_weights([5, 7, 9]), [1 / 3] * 3)
     assert uni.fit_steps == 1 and uni.scorer.opt.state[uni.scorer.params[0]]["step"] == 1  # one no-op step
@@ -511,3 +511,38 @@ def test_shipped_configs_parse_and_build_their_policy(name):
     assert pol.name == name
     demo = from_dict(demo_config())
     assert demo.mixing.policy == "mos" and demo.mixing.params["reward"] == "diff" and demo.mixing.params["use_ema"]
+
+
+@pytest.mark.parametrize("include_padding", [False, True])
+@pytest.mark.parametrize("layers, n_layers", [("last", 1), ("all", 2)])
+def test_dynamic_moe_probe_counts_tokens(include_padding, layers, n_layers):
+    """The probe counts top_k assignments per real token (pads only with include_padding) of the
+    chosen layers over the first probe_batches × probe_batch_size dev rows of every domain."""
+    import transformers
+
+    from mixtrain.data.collate import collate
+
+    cfg = transformers.AutoConfig.for_model(
+        "qwen2_moe", vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+
+    class Dom:
+        def __init__(self, lengths):
+            self.dev = [([1 + (i % 20) for i in range(n)], [-100] * n) for n in lengths]
+
+    doms = [Dom([3, 5, 7, 2, 9]), Dom([4, 4, 6])]
+    ctx = PolicyContext(domain_names=["a", "b"], domain_sizes=[5, 3], model=model, domains=doms,
+                        batches=lambda d, idx, split="dev": collate([doms[d].dev[i] for i in idx], [d] * len(idx), 0))
+    pol = policies.get("dynamic_moe", probe_batches=2, probe_batch_size=2, layers=layers,
+                       include_padding=include_padding)
+    pol.setup(ctx)
+    counts = pol.probe_counts()
+    # domain a: batches [3,5] and [7,2] (row 9 is beyond the probe); domain b: [4,4] and [6]
+    real = [3 + 5 + 7 + 2, 4 + 4 + 6]
+    padded = [2 * 5 + 2 * 7, 2 * 4 + 1 * 6]
+    tokens = padded if include_padding else real
+    assert counts.sum(1).tolist() == [2 * n_layers * t for t in tokens]
+    assert model.training  # train mode restored
