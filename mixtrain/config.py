@@ -270,7 +270,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
-    valid_top = ["model", "data", "mixing", "train", "eval", "deepspeed", "output_dir", "gradex"]
+    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex", "eval"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
