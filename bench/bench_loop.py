@@ -1,11 +1,15 @@
 """mixtrain loop vs HF Trainer: training tokens/s with the same DeepSpeed config, model, batch and
 data stream; and the cost of the per-domain loss signals.
 
+Times are process CPU seconds (user + system, all threads) of the steps after ``--warmup``,
+measured as a difference so start-up is excluded: on a shared machine wall time mostly measures
+the neighbours, CPU time measures the work. Wall times are printed too.
+
 Both trainers run in fresh child processes (one rank, DeepSpeed CPU accelerator, gloo, fp32) on
 the same tiny Llama (random init, same seed), the same global sample stream (``MixtureDataset``
 drives the HF Trainer, the mixtrain sampler drives mixtrain) and the same DeepSpeed config
 (ZeRO stage, micro batch, grad accumulation, clipping, AdamW). Tokens/s counts non-pad input
-tokens over the steps after ``--warmup``.
+tokens.
 
 Signal overhead: one optimizer step of the mixtrain ``LossModel`` (forward, backward, AdamW)
 with per-domain ``group_ids`` + the signal bus accumulate/all-reduce, against the same step
@@ -52,19 +56,31 @@ def _config(a: argparse.Namespace, out: str) -> dict:
     }
 
 
+def _cpu() -> float:
+    return time.process_time()  # CPU time of all threads of this process
+
+
 def child_mixtrain(a: argparse.Namespace) -> None:
-    from mixtrain.checkpoint import list_checkpoints  # noqa: F401  (import cost outside timing)
+    """Two runs (``warmup`` and ``steps`` steps); the difference is the cost of the extra steps,
+    free of start-up (data, model build, DeepSpeed init)."""
     from mixtrain.config import from_dict
     from mixtrain.loop import train
 
-    with tempfile.TemporaryDirectory() as d:
-        cfg = from_dict(_config(a, d))
-        train(cfg)
-        recs = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-    recs = recs[a.warmup:]
-    toks = recs[-1]["input_tokens"] - recs[0]["input_tokens"] + 0.0
-    secs = sum(r["step_time"] for r in recs[1:])
-    print(f"RESULT={json.dumps({'tokens_per_s': toks / secs, 'step_s': secs / (len(recs) - 1)})}", flush=True)
+    res = {}
+    for n in (1, a.warmup, a.steps):  # the first run pays one-time costs (corpus parse, op builds)
+        with tempfile.TemporaryDirectory() as d:
+            raw = _config(a, d)
+            raw["train"]["steps"] = n
+            c0, w0 = _cpu(), time.perf_counter()
+            train(from_dict(raw))
+            res[n] = (_cpu() - c0, time.perf_counter() - w0,
+                      json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[-1])["input_tokens"])
+    cpu = res[a.steps][0] - res[a.warmup][0]
+    wall = res[a.steps][1] - res[a.warmup][1]
+    toks = res[a.steps][2] - res[a.warmup][2]
+    n = a.steps - a.warmup
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / cpu, 'cpu_step_s': cpu / n, 'wall_step_s': wall / n})}",
+          flush=True)
 
 
 def child_hf(a: argparse.Namespace) -> None:
@@ -94,8 +110,8 @@ def child_hf(a: argparse.Namespace) -> None:
     ds_cfg = build_ds_config(cfg, 1)
     ds_cfg["train_batch_size"] = "auto"
     ds_cfg["gradient_clipping"] = "auto"
-    times: list[float] = []
     tokens: list[int] = []
+    marks: dict[int, tuple[float, float, int]] = {}
     orig_collate = cb.collator
 
     def counting_collate(features):
@@ -103,12 +119,12 @@ def child_hf(a: argparse.Namespace) -> None:
         tokens.append(int(b["attention_mask"].sum()))
         return b
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *args, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kw):
-            times.append(time.perf_counter() - self.t)
+    class Marks(TrainerCallback):
+        # CPU/wall/tokens at the end of step `warmup` and of the last step: the difference is the
+        # cost of the steps in between, free of start-up
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (a.warmup, a.steps):
+                marks[state.global_step] = (_cpu(), time.perf_counter(), sum(tokens[:state.global_step * a.ga]))
 
     with tempfile.TemporaryDirectory() as d:
         args = TrainingArguments(
@@ -118,14 +134,11 @@ def child_hf(a: argparse.Namespace) -> None:
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collate,
-                          callbacks=[cb, Timer()])
+                          callbacks=[cb, Marks()])
         trainer.train()
-    per_step = a.mbs * a.ga
-    # tokens[] has one entry per micro-batch (plus possible prefetch); align to optimizer steps
-    step_tokens = [sum(tokens[i * a.ga:(i + 1) * a.ga]) for i in range(len(times))]
-    del per_step
-    sel = slice(a.warmup + 1, len(times))
-    print(f"RESULT={json.dumps({'tokens_per_s': sum(step_tokens[sel]) / sum(times[sel]), 'step_s': sum(times[sel]) / len(times[sel])})}",
+    (c0, w0, t0), (c1, w1, t1) = marks[a.warmup], marks[a.steps]
+    n = a.steps - a.warmup
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n})}",
           flush=True)
 
 
@@ -171,12 +184,10 @@ def child_signals(a: argparse.Namespace) -> None:
 
         for _ in range(3):
             step()
-        ts = []
+        c = _cpu()
         for _ in range(a.steps):
-            t = time.perf_counter()
             step()
-            ts.append(time.perf_counter() - t)
-        res[mode] = min(res.get(mode, 1e9), float(np.median(ts)))
+        res[mode] = min(res.get(mode, 1e9), (_cpu() - c) / a.steps)
     print(f"RESULT={json.dumps(res)}", flush=True)
 
 
@@ -200,12 +211,13 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=8)
     ap.add_argument("--ga", type=int, default=2)
     ap.add_argument("--zero", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
     a = ap.parse_args()
     if a.tiny:
-        a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup = 32, 1, 208, 2, 1, 6, 2
+        a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup = 32, 1, 208, 2, 1, 5, 2
     if a.child:
         {"mixtrain": child_mixtrain, "hf": child_hf, "signals": child_signals}[a.child](a)
         return
@@ -217,15 +229,19 @@ def main() -> None:
     h = Harness("loop")
     hf = _run_child("hf", argv)
     mt = _run_child("mixtrain", argv)
-    h.row(case=case, impl="mixtrain", seconds=mt["step_s"], baseline="HF Trainer+DeepSpeed",
-          baseline_seconds=hf["step_s"], tokens_per_s=round(mt["tokens_per_s"]),
-          baseline_tokens_per_s=round(hf["tokens_per_s"]),
-          tokens_per_s_ratio=round(mt["tokens_per_s"] / hf["tokens_per_s"], 3))
+    h.row(case=case, impl="mixtrain", seconds=mt["cpu_step_s"], baseline="HF Trainer+DeepSpeed",
+          baseline_seconds=hf["cpu_step_s"], tokens_per_cpu_s=round(mt["tokens_per_cpu_s"]),
+          baseline_tokens_per_cpu_s=round(hf["tokens_per_cpu_s"]),
+          tokens_per_s_ratio=round(mt["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"], 3),
+          wall_ms=round(mt["wall_step_s"] * 1e3, 1), baseline_wall_ms=round(hf["wall_step_s"] * 1e3, 1))
     sig = _run_child("signals", argv)
     h.row(case=case, impl="step with per-domain signals", seconds=sig["groups"], baseline="same step, no groups",
           baseline_seconds=sig["nogroups"],
           signal_overhead_pct=round(100 * (sig["groups"] - sig["nogroups"]) / sig["nogroups"], 2))
-    h.finish()
+    if a.no_csv:
+        print(h.table())
+    else:
+        h.finish()
 
 
 if __name__ == "__main__":
