@@ -15,6 +15,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -41,10 +42,12 @@ MK_HD float router_exp(float x) {
   poly = fmaf(poly, r, 1.f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   scale = __int_as_float(bits);
+#elif defined(__CUDACC__)
+  memcpy(&scale, &bits, sizeof(float));  // host pass of nvcc (never the hot path)
 #else
-  scale = __builtin_bit_cast(float, bits);  // (a memcpy here would stop the loop vectorising)
+  scale = __builtin_bit_cast(float, bits);  // (a memcpy here would stop the CPU loop vectorising)
 #endif
   return underflow && x == x ? 0.f : poly * scale;
 }

@@ -1,7 +1,7 @@
 """``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
-compare CONFIG.yaml --policies ... [--seeds ...]}``."""
+compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...]}``."""
 
 from __future__ import annotations
 
@@ -59,24 +59,6 @@ def main(argv: list[str] | None = None) -> int:
 
             print(make_report(args.run_dir))
             return 0
-        if args.cmd == "compare":  # issue 9
-            import logging
-
-            from .compare import run_compare
-
-            logging.basicConfig(level=logging.INFO, format="[compare] %(message)s")
-            try:
-                md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
-                                 output=args.output, jobs=args.jobs, only_report=args.report_only)
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                print("compare interrupted; its runs were stopped. Re-run the same command to continue.",
-                      file=sys.stderr)
-                return 130
-            print(f"comparison: {md} (+ comparison.png, comparison.json)")
-            return 0
         if args.cmd == "skillit-graph":
             import logging
 
@@ -96,6 +78,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"outputs: {cfg.output_dir}/gradex (task_scores.json, selection.json, report.png)")
             else:
                 print(format_validation(run_validate(cfg)))
+            return 0
+        if args.cmd == "compare":  # issue 9
+            import logging
+
+            from .compare import run_compare
+
+            logging.basicConfig(level=logging.INFO, format="[compare] %(message)s")
+            try:
+                md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
+                                 output=args.output, jobs=args.jobs, only_report=args.report_only)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                print("compare interrupted; its runs were stopped. Re-run the same command to continue.",
+                      file=sys.stderr)
+                return 130
+            print(f"comparison: {md} (+ comparison.png, comparison.json)")
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)

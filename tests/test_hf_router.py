@@ -206,3 +206,21 @@ def test_collector_errors():
     with torch.no_grad():
         model(input_ids=ids)
     assert collector.num_forwards == 0
+
+
+def test_bench_router_stats_smoke(monkeypatch, capsys):
+    """bench/bench_router_stats.py at its tiniest size, so it never rots (prints only, no CSV)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_router_stats.py"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny"])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "router_stats [cxx]" in out or "router_stats [reference]" in out
+    assert "forward + collector hooks" in out
