@@ -201,6 +201,15 @@ def train(cfg: Config) -> dict[str, Any]:
     engine, _, sched, _ = build_engine(cfg, wrapper, info.world_size)
     device = engine.device
 
+    def router_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert collector is not None
+        # per-token ids/mask [B*S]: the fused loss calls the decoder directly, so the collector's
+        # model-level pre-hook does not see the batch shape
+        s_len = batch["input_ids"].shape[1]
+        st = collector.stats(group_ids=batch["domain_ids"].repeat_interleave(s_len), num_groups=len(names),
+                             attention_mask=batch["attention_mask"].reshape(-1))
+        return st.expert_counts.to(torch.float64).cpu()
+
     # ---- issue 9: task accuracy by greedy decoding (eval.accuracy) ------------------------------
     acc_eval = None
     if cfg.eval.accuracy:
@@ -213,15 +222,6 @@ def train(cfg: Config) -> dict[str, Any]:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     # ---- end issue 9 ----------------------------------------------------------------------------
-
-    def router_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        assert collector is not None
-        # per-token ids/mask [B*S]: the fused loss calls the decoder directly, so the collector's
-        # model-level pre-hook does not see the batch shape
-        s_len = batch["input_ids"].shape[1]
-        st = collector.stats(group_ids=batch["domain_ids"].repeat_interleave(s_len), num_groups=len(names),
-                             attention_mask=batch["attention_mask"].reshape(-1))
-        return st.expert_counts.to(torch.float64).cpu()
 
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
