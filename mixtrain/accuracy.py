@@ -33,20 +33,21 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
     "ANSWER_RULES",
-    "answer_rule",
-    "extract_answer",
-    "AccuracyExample",
-    "build_examples",
-    "score_predictions",
-    "hf_greedy_generate",
     "AccuracyEvaluator",
+    "AccuracyExample",
+    "answer_rule",
+    "build_examples",
+    "extract_answer",
+    "hf_greedy_generate",
+    "score_predictions",
 ]
 
 log = logging.getLogger("mixtrain")

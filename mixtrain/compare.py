@@ -55,9 +55,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -65,17 +66,17 @@ import yaml
 from .config import Config, ConfigError, load_config
 
 __all__ = [
-    "PolicySpec",
     "ALIASES",
     "BASELINES",
+    "PolicySpec",
+    "RunResult",
     "parse_policies",
     "parse_seeds",
-    "with_baselines",
-    "RunResult",
     "read_run",
-    "summarize",
-    "write_comparison",
     "run_compare",
+    "summarize",
+    "with_baselines",
+    "write_comparison",
 ]
 
 log = logging.getLogger("mixtrain.compare")
@@ -308,15 +309,14 @@ def _launch(job: _Job, config: str, python: str) -> None:
              seed=job.seed, attempts=int(m.get("attempts", 0)) + 1, command=shlex.join(cmd))
     m.setdefault("wall_time", 0.0)
     _write_marker(job.run_dir, m)
-    logf = open(job.run_dir / "train.log", "a", encoding="utf-8")
-    logf.write(f"\n==== attempt {m['attempts']}: {shlex.join(cmd)}\n")
-    logf.flush()
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    job.t0 = time.perf_counter()
-    # same process group as `compare`: killing the comparison's group (Ctrl-C, kill -- -PGID) stops its runs
-    job.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    logf.close()
+    with open(job.run_dir / "train.log", "a", encoding="utf-8") as logf:
+        logf.write(f"\n==== attempt {m['attempts']}: {shlex.join(cmd)}\n")
+        logf.flush()
+        job.t0 = time.perf_counter()
+        # same process group as `compare`: killing the comparison's group (Ctrl-C, kill -- -PGID) stops its runs
+        job.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     m["pid"] = job.proc.pid
     _write_marker(job.run_dir, m)
 
@@ -556,12 +556,12 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
     for k, v in (header or {}).items():
         lines.append(f"- **{k}**: {v}")
     lines += [
-        "- **baselines**: `uniform` = stratified (equal weight per domain/skill); `random` = `proportional` "
-        "(uniform over training examples, p ∝ n). With equal domain sizes the two are the same mixture.",
-        "- values are mean ± sample std over seeds (final evaluation); `Δ` columns are policy − baseline, "
-        "`*` marks a difference larger than the seed-to-seed spread (|Δ| > std_policy + std_baseline).",
-        "- *avg dev loss* = unweighted mean over domains of the per-domain mean token loss on the dev split; "
-        "*accuracy* = unweighted mean over the scored domains of greedy exact-match accuracy.",
+        ("- **baselines**: `uniform` = stratified (equal weight per domain/skill); `random` = `proportional` "
+         "(uniform over training examples, p ∝ n). With equal domain sizes the two are the same mixture."),
+        ("- values are mean ± sample std over seeds (final evaluation); `Δ` columns are policy − baseline, "
+         "`*` marks a difference larger than the seed-to-seed spread (|Δ| > std_policy + std_baseline)."),
+        ("- *avg dev loss* = unweighted mean over domains of the per-domain mean token loss on the dev split; "
+         "*accuracy* = unweighted mean over the scored domains of greedy exact-match accuracy."),
     ]
     if summ["target"] is not None:
         lines.append(f"- *steps to baseline*: first evaluation step whose avg dev loss ≤ "

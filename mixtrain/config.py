@@ -270,7 +270,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
-    valid_top = ["model", "data", "mixing", "train", "eval", "deepspeed", "output_dir", "gradex"]
+    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex", "eval"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
@@ -441,8 +441,8 @@ def config_fingerprint(cfg: Config) -> str:
     """
     d = cfg.to_dict()
     d.pop("output_dir", None)
+    d.pop("eval", None)  # issue 9: evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
-    d.pop("eval", None)  # evaluation settings never affect training
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
               "threads", "keep_checkpoints", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)
