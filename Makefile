@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh clone:
 #   make test   set up .venv (torch, triton, the package with its compiled extension), run all tests
-#   make demo   same set-up, then run the main job
+#   make demo   same set-up, then run the main job (python -m mixtrain demo)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -35,8 +35,9 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton tests; \
 	  status=$$?; if [ $$status -eq 5 ]; then echo "no triton tests collected"; status=0; fi; exit $$status
 
+# The main job: fine-tune the tiny Llama on the built-in corpus with the mos policy (see README).
 demo: setup
-	$(PY) -m mixkernels.info --selftest
+	$(PY) -m mixtrain demo
 
 bench: setup
 	$(PY) bench/bench_segment_sum.py

@@ -57,7 +57,16 @@ def _cpu_name() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Lifetime peak resident set size of this process, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process image, in MiB.
+
+    Reads ``VmHWM`` from /proc: ``ru_maxrss`` would carry the parent's peak over fork + exec,
+    hiding a child's own growth whenever the parent was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -281,8 +281,14 @@ namespace {
 
 // Row loops, compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (the
 // extension itself is built for baseline x86-64; these loops are where the exp work is).
+// Feature-based clones (arch= clones dispatch on the CPU *model*, so AMD parts fell back to the
+// baseline). no-trapping-math lets GCC if-convert the clamps in mk_expf; without it the
+// baseline/AVX2 loops stay scalar ("control flow in loop").
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MK_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#define MK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MK_POP_OPTIONS 1
 #else
 #define MK_CLONES
 #endif
@@ -329,6 +335,10 @@ MK_CLONES void row_exp_affine_f32(float* z, int64_t v, float shift, float a, flo
 #pragma omp simd
   for (int64_t j = 0; j < v; ++j) z[j] = a * mk_expf(z[j] - shift) - b;
 }
+
+#ifdef MK_POP_OPTIONS
+#pragma GCC pop_options
+#endif
 
 // fp64 (gradcheck only): plain loops.
 double row_max(const double* z, int64_t v) {

@@ -12,15 +12,15 @@ from ._backend import backend
 from .grad_projector import GradientProjector
 from .grad_store import GradientStore
 from .ops import (
-    factored_sketch,
-    lift,
-    project,
-    projection_matrix,
     CrossEntropyOutput,
     RouterStats,
     cross_entropy,
+    factored_sketch,
+    lift,
     linear_cross_entropy,
     load_balancing_loss,
+    project,
+    projection_matrix,
     router_stats,
     segment_sum,
 )
@@ -28,13 +28,28 @@ from .ops import (
 __version__ = "0.1.0"
 __all__ = [
     "CrossEntropyOutput",
+    "GradientProjector",
+    "GradientStore",
     "RouterStats",
     "backend",
     "cross_entropy",
+    "factored_sketch",
+    "lift",
     "linear_cross_entropy",
     "load_balancing_loss",
+    "project",
+    "projection_matrix",
     "router_stats",
     "segment_sum",
     "__version__",
 ]
-__all__ += ["project", "lift", "projection_matrix", "factored_sketch", "GradientProjector", "GradientStore"]
+
+
+def __getattr__(name: str):
+    # ``mixkernels.hf`` (transformers integration) is imported on first use, so that
+    # ``import mixkernels`` stays light.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'mixkernels' has no attribute {name!r}")

@@ -17,8 +17,8 @@ Which modules are hooked (in model order, one per MoE layer):
 * any ``nn.Linear`` (or module returning logits first) named by the user with ``router_names``.
 
 A forward pre-hook on ``model`` records each call's batch shape [B, S] and its 2-D
-``attention_mask``, so per-sequence ``group_ids`` [B] can be expanded to tokens and padding can
-be excluded without passing the mask twice. Logits are kept (detached, in their dtype) until
+``attention_mask``, so per-sequence ``group_ids`` [B] can be expanded to tokens, and
+``stats(attention_mask="forward")`` excludes the padding each forward was called with. Logits are kept (detached, in their dtype) until
 ``stats()``, which runs the fused ``mixkernels.router_stats`` once per recorded forward and merges
 the results; memory held is what ``output_router_logits=True`` holds. Router calls made while
 autograd runs a backward (activation-checkpoint recomputation) are ignored, so checkpointed
@@ -175,7 +175,7 @@ class RouterStatsCollector:
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def __enter__(self) -> RouterStatsCollector:
+    def __enter__(self) -> RouterStatsCollector:  # noqa: PYI034
         if self._handles:
             raise RuntimeError("RouterStatsCollector is already active; it cannot be entered twice")
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
@@ -226,16 +226,23 @@ class RouterStatsCollector:
         self,
         group_ids: torch.Tensor | Sequence[torch.Tensor] | None = None,
         num_groups: int = 1,
-        attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | Sequence[torch.Tensor] | str | None = None,
     ) -> RouterStats:
         """``RouterStats`` [L_collected, G, E] over every forward since the last call, then reset.
 
         ``group_ids``: per-sequence [B] (B summed over the recorded forwards, in call order), or
         per-token [B, S] / [N], or a list with one such tensor per forward; None puts every
         token in group 0. ``attention_mask``: [B, S] (all forwards with the same S) or a list per
-        forward; non-zero = real token. None uses the 2-D ``attention_mask`` each forward was
-        called with (all tokens when it had none).
+        forward; non-zero = real token. ``None`` counts every token (padding included), as
+        ``router_stats(mask=None)`` does; ``"forward"`` uses the 2-D ``attention_mask`` each
+        forward was called with (every token for a forward called without one).
         """
+        use_forward_masks = isinstance(attention_mask, str)
+        if use_forward_masks and attention_mask != "forward":
+            raise ValueError(
+                f"RouterStatsCollector.stats(): attention_mask must be a tensor, a list of tensors, None or "
+                f"'forward', got {attention_mask!r}"
+            )
         forwards = [f for f in self._forwards if any(f.logits)]
         if not forwards:
             raise RuntimeError(
@@ -243,13 +250,13 @@ class RouterStatsCollector:
                 "inside the `with` block first"
             )
         per_forward_groups = _split_per_forward(group_ids, forwards, "group_ids")
-        per_forward_masks = _split_per_forward(attention_mask, forwards, "attention_mask")
+        per_forward_masks = _split_per_forward(None if use_forward_masks else attention_mask, forwards, "attention_mask")
         total: RouterStats | None = None
         for i, (record, groups, mask) in enumerate(zip(forwards, per_forward_groups, per_forward_masks)):
             layers = _record_layers(record, i, self.router_names)
             n = layers[0].shape[0]
             token_groups = _tokens(groups, record, n, "group_ids", i)
-            if mask is None and attention_mask is None and record.attention_mask is not None:
+            if use_forward_masks and record.attention_mask is not None:
                 mask = record.attention_mask[:, -record.batch_shape[1]:] if record.batch_shape else record.attention_mask
             token_mask = _tokens(mask, record, n, "attention_mask", i)
             if token_mask is not None:

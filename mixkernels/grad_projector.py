@@ -312,7 +312,7 @@ class GradientProjector:
             self._note_batch(t, b, x.device)
             x = x.detach().reshape(b, -1, t.d_in)
             if self.kind == FACTORED:
-                p_in, p_out = self._projections(t, x.device)
+                p_in, _p_out = self._projections(t, x.device)
                 saved = x.float() @ p_in  # [B, T, k_in]: only the projected input is kept
             else:
                 saved = x

@@ -19,6 +19,10 @@ _LCE_KWARGS = frozenset({"ignore_index", "label_smoothing", "reduction", "return
 
 def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """The decoder stack that returns last hidden states, and the LM head of ``model``."""
+    if hasattr(model, "get_base_model"):
+        # PEFT wrapper: PeftModelForCausalLM.model is the whole *ForCausalLM (with the LoRA
+        # layers injected), not the decoder; unwrap it before looking for the decoder.
+        model = model.get_base_model()
     head = getattr(model, "lm_head", None)
     if head is None and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
@@ -98,6 +102,13 @@ def causal_lm_loss(
             )
         group_ids = torch.nn.functional.pad(group_ids[:, 1:], (0, 1), value=0)
     weight = head.weight
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers lm_head.weight only inside lm_head's own forward, which the
+        # fused loss never calls.
+        raise NotImplementedError(
+            "mixkernels.hf.causal_lm_loss: lm_head.weight is partitioned by DeepSpeed ZeRO-3 (numel 0); "
+            "use ZeRO stage 0-2, or gather it (deepspeed.zero.GatheredParameters) around the call"
+        )
     if hidden.dtype != weight.dtype:  # e.g. autocast-free mixed setups: compute in the head's dtype
         hidden = hidden.to(weight.dtype)
     return linear_cross_entropy(

@@ -1,4 +1,7 @@
-"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR}``."""
+"""``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
+skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
+gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
+compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...]}``."""
 
 from __future__ import annotations
 
@@ -20,7 +23,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per short run (default 10)")
+    p.add_argument("--mode", choices=["binary", "real"], default="binary", help="edge values (default binary)")
+    p.add_argument("--out", default=None, help="output directory (default <output_dir>_graph)")
+    for name, text in (("gradex", "GradEx: meta-train, projected gradients, subset estimates, task selection"),
+                       ("gradex-validate", "GradEx: fine-tune a few subsets for real and compare with estimates")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    # ---- issue 9: compare ------------------------------------------------------------------
+    p = sub.add_parser("compare", help="one run per policy x seed, then comparison.md/.png vs baselines")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    p.add_argument("--policies", required=True,
+                   help="comma-separated name[:key=value...][@label] (baselines uniform, random are added)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--output", default=None, help="output directory (default <output_dir>/compare)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
+    # ---- end issue 9 ----------------------------------------------------------------------
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # issue 9: `compare` accepts section.key=value overrides after its options too
+        if args.cmd != "compare" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
 
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
 
@@ -29,6 +58,44 @@ def main(argv: list[str] | None = None) -> int:
             from .report import make_report
 
             print(make_report(args.run_dir))
+            return 0
+        if args.cmd == "skillit-graph":
+            import logging
+
+            from .skillit_graph import learn_graph
+
+            logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+            res = learn_graph(load_config(args.config, args.overrides), steps=args.steps, mode=args.mode, out=args.out)
+            print(f"graph: {res['output_dir']}/skillit_graph.json (+ .npy, .png)")
+            return 0
+        if args.cmd in ("gradex", "gradex-validate"):
+            from .gradex import format_validation, run_gradex, run_validate
+
+            cfg = load_config(args.config, args.overrides)
+            if args.cmd == "gradex":
+                sel = run_gradex(cfg)
+                print(f"selected {len(sel['tasks'])} task(s): {', '.join(sel['tasks'])}")
+                print(f"outputs: {cfg.output_dir}/gradex (task_scores.json, selection.json, report.png)")
+            else:
+                print(format_validation(run_validate(cfg)))
+            return 0
+        if args.cmd == "compare":  # issue 9
+            import logging
+
+            from .compare import run_compare
+
+            logging.basicConfig(level=logging.INFO, format="[compare] %(message)s")
+            try:
+                md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
+                                 output=args.output, jobs=args.jobs, only_report=args.report_only)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                print("compare interrupted; its runs were stopped. Re-run the same command to continue.",
+                      file=sys.stderr)
+                return 130
+            print(f"comparison: {md} (+ comparison.png, comparison.json)")
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)

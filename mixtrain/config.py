@@ -29,6 +29,7 @@ __all__ = [
     "MixingConfig",
     "ModelConfig",
     "TrainConfig",
+    "EvalConfig",
     "apply_overrides",
     "config_fingerprint",
     "demo_config",
@@ -149,6 +150,29 @@ class TrainConfig:
     threads: int | None = None
 
 
+# ---- issue 9: task accuracy (mixtrain/accuracy.py) -------------------------------------------
+@dataclass
+class EvalConfig:
+    """``eval`` section: exact-match task accuracy by greedy decoding (:mod:`mixtrain.accuracy`).
+
+    Attributes:
+        accuracy: decode the dev splits and log ``dev_accuracy`` {domain: accuracy} at every dev
+            evaluation (``train.eval_every``) and at the last step.
+        accuracy_domains: domains to score; default every domain with an answer rule
+            (``lego_k``, ``addition_k``, ``math``); others listed here use exact match.
+        max_examples: dev rows decoded per domain (the first ones).
+        batch_size: prompts decoded together.
+        max_new_tokens: decoding budget; default the longest gold response of the domain + 8.
+    """
+
+    accuracy: bool = False
+    accuracy_domains: list[str] | None = None
+    max_examples: int = 64
+    batch_size: int = 32
+    max_new_tokens: int | None = None
+# ---- end issue 9 ----------------------------------------------------------------------------
+
+
 @dataclass
 class Config:
     """Whole run config (see module docstring)."""
@@ -157,15 +181,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # issue 9
     deepspeed: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/mixtrain"
+    gradex: dict[str, Any] = field(default_factory=dict)  # parsed by mixtrain.gradex.config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (YAML/JSON serialisable)."""
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "mixing": MixingConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "mixing": MixingConfig, "train": TrainConfig,
+             "eval": EvalConfig}
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:
@@ -243,7 +270,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
-    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir"]
+    valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex", "eval"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(valid_top)}")
@@ -251,6 +278,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         **{name: _section_from_dict(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()},
         deepspeed=_check_type("deepspeed", raw.get("deepspeed") or {}, dict[str, Any]),
         output_dir=_check_type("output_dir", raw.get("output_dir", "runs/mixtrain"), str),
+        gradex=_check_type("gradex", raw.get("gradex") or {}, dict[str, Any]),
     )
     validate(cfg)
     return cfg
@@ -303,6 +331,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data: no domains; set data.builtin and/or data.domains")
     if m.update_every is not None and m.update_every < 1:
         raise ConfigError(f"mixing.update_every: got {m.update_every}, expected >= 1")
+    e = cfg.eval  # issue 9
+    for key in ("max_examples", "batch_size"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key}: got {getattr(e, key)}, expected an integer >= 1")
+    if e.max_new_tokens is not None and e.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens: got {e.max_new_tokens}, expected an integer >= 1 or null")
     if cfg.model.name_or_path is None and cfg.model.config is None:
         raise ConfigError("model: set either model.name_or_path or model.config")
     if cfg.model.name_or_path is not None and cfg.model.config is not None:
@@ -381,7 +415,7 @@ def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
             "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
             "dev_fraction": 0.05,
         },
-        "mixing": {"policy": "temperature", "params": {"temperature": 2.0}},
+        "mixing": {"policy": "mos", "update_every": 20, "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 32}},
         "train": {
             "steps": 120,
             "micro_batch_size": 8,
@@ -407,6 +441,8 @@ def config_fingerprint(cfg: Config) -> str:
     """
     d = cfg.to_dict()
     d.pop("output_dir", None)
+    d.pop("eval", None)  # issue 9: evaluation settings never affect training
+    d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
               "threads", "keep_checkpoints", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)

@@ -184,6 +184,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- model + DeepSpeed ------------------------------------------------------------------
     model = build_model(cfg, tok.vocab_size)
+    policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
     wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
@@ -208,6 +209,19 @@ def train(cfg: Config) -> dict[str, Any]:
         st = collector.stats(group_ids=batch["domain_ids"].repeat_interleave(s_len), num_groups=len(names),
                              attention_mask=batch["attention_mask"].reshape(-1))
         return st.expert_counts.to(torch.float64).cpu()
+
+    # ---- issue 9: task accuracy by greedy decoding (eval.accuracy) ------------------------------
+    acc_eval = None
+    if cfg.eval.accuracy:
+        from .accuracy import AccuracyEvaluator
+
+        try:
+            acc_eval = AccuracyEvaluator(enc, tok, only=cfg.eval.accuracy_domains, max_examples=cfg.eval.max_examples,
+                                         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                                         rank=info.rank, world_size=info.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    # ---- end issue 9 ----------------------------------------------------------------------------
 
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
@@ -415,9 +429,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 "domain_fraction": sampler.fractions(),
                 "step_time": win_time / win_steps,
                 "policy_time": win_policy_time / win_steps,
+                "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
+            if acc_eval is not None and (do_eval or is_last):  # issue 9
+                rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
             metrics.write(rec)
             if bar is not None:
                 top = sorted(zip(names, sampler.weights), key=lambda x: -x[1])[:3]
@@ -442,6 +459,7 @@ def train(cfg: Config) -> dict[str, Any]:
         from .report import export_schedule, make_report
 
         export_schedule(out, names, history)
+        policy.on_train_end(out, step)
         try:
             make_report(out)
         except Exception as e:  # noqa: BLE001 - a plotting problem must not fail a finished run

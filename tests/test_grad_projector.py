@@ -271,4 +271,4 @@ def test_bad_arguments_have_clear_messages():
         gp.projections("nope")
     gpr = GradientProjector(model, kind="sjlt", proj_dim=8)
     with pytest.raises(ValueError, match="slices is defined for kind='factored'"):
-        gpr.slices
+        _ = gpr.slices

@@ -95,7 +95,7 @@ def test_collector_matches_output_router_logits_oracle(name):
     # ... and the masks recorded from the forwards' kwargs; the model's own aux loss agrees
     with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
         out = model(input_ids=batches[0][0], attention_mask=batches[0][1], output_router_logits=True)
-    stats = collector.stats(group_ids=domains[0], num_groups=3)
+    stats = collector.stats(group_ids=domains[0], num_groups=3, attention_mask="forward")
     assert_matches(stats, _oracle_from_outputs([(out, batches[0][1])], top_k, range(num_routers), domains[:1], 3))
     torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
 
@@ -125,11 +125,29 @@ def test_collector_finds_routers_and_top_k_from_config(name):
         out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
     assert collector.top_k == model.config.num_experts_per_tok
     assert len(collector.router_names) == model.config.num_hidden_layers
-    stats = collector.stats()
+    stats = collector.stats(attention_mask="forward")
     expected = _oracle_from_outputs([(out, am)], collector.top_k, range(len(out.router_logits)),
                                     [torch.zeros(2, dtype=torch.long)], 1)
     assert_matches(stats, expected, what=name)
     torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_collector_attention_mask_none_counts_padding():
+    """attention_mask=None counts every token (padding included), as router_stats(mask=None)."""
+    torch.manual_seed(5)
+    model = tiny_mixtral()
+    ids, am = _batch(2, 6, 7)
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
+        out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
+        model(input_ids=ids, attention_mask=am)
+    stats = collector.stats(group_ids=[torch.tensor([1, 0]), torch.tensor([1, 1])], num_groups=2)
+    assert stats.token_count.tolist() == [6, 18]  # all 24 tokens, padding included
+    once = _oracle_from_outputs([(out, torch.ones_like(am))], 2, range(3), [torch.tensor([1, 0])], 2)
+    torch.testing.assert_close(stats.prob_sum[:, 0], once[1][:, 0].float(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
+        model(input_ids=ids, attention_mask=am)
+    with pytest.raises(ValueError, match="attention_mask must be a tensor, a list of tensors, None or 'forward'"):
+        collector.stats(attention_mask="padding")
 
 
 def test_collector_ignores_checkpoint_recompute():
@@ -206,3 +224,21 @@ def test_collector_errors():
     with torch.no_grad():
         model(input_ids=ids)
     assert collector.num_forwards == 0
+
+
+def test_bench_router_stats_smoke(monkeypatch, capsys):
+    """bench/bench_router_stats.py at its tiniest size, so it never rots (prints only, no CSV)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_router_stats.py"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny"])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "router_stats [cxx]" in out or "router_stats [reference]" in out
+    assert "forward + collector hooks" in out

@@ -182,10 +182,15 @@ def _prepare(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, 
 
 
 def auto_chunk_size(n: int, d: int, v: int, device: torch.device) -> int:
-    """Rows per chunk: the fp32 logits chunk [rows, V] gets ~32 MiB (GEMMs stay efficient from a
-    few hundred rows up, and the chunk stays in the last-level cache neighbourhood on CPU), at
-    most 1/16 of the available host memory, at least 16 rows, never more than N."""
-    budget = 32 << 20 if device.type == "cpu" else 256 << 20
+    """Rows per chunk: the fp32 logits chunk [rows, V] gets ~128 MiB, at most 1/16 of the available
+    host memory, at least 16 rows, never more than N.
+
+    Why 128 MiB on CPU: the weight-gradient GEMM reads and writes the whole fp32 [V, d]
+    accumulator once per chunk, so few large chunks are cheaper. Measured (process CPU time, 2
+    threads, N=4096 d=512 V=32000): 1024-row chunks 1.02x the 3-GEMM floor, 256-row chunks 1.12x.
+    128 MiB is still far below eager's N x V logits plus their gradient.
+    """
+    budget = 128 << 20 if device.type == "cpu" else 256 << 20
     if device.type == "cpu" and hasattr(os, "sysconf"):
         try:
             budget = min(budget, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 16)

@@ -23,6 +23,8 @@ matmul), ``cxx`` (csrc/project.cpp, csrc/cuda/project_cuda.cu), ``triton``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _backend, _extension
@@ -88,7 +90,7 @@ def project(
     _check_common(OP, out_dim, seed, kind, nnz, row_offset)
     if row_offset + x.shape[-1] > _INT63:
         raise ValueError(f"mixkernels.{OP}: row_offset + in_dim = {row_offset + x.shape[-1]} overflows int64")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     chosen = _backend.select(OP, x.device)
     if chosen == "cxx":
         y = torch.ops.mixkernels.project(x2, out_dim, seed, kind, nnz, row_offset)
@@ -120,7 +122,7 @@ def lift(
     _check_common("lift", y.shape[-1], seed, kind, nnz, row_offset)
     if row_offset + in_dim > _INT63:
         raise ValueError(f"mixkernels.lift: row_offset + in_dim = {row_offset + in_dim} overflows int64")
-    y2 = y.reshape(-1, y.shape[-1])
+    y2 = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])
     chosen = _backend.select(OP, y.device)
     if chosen == "cxx":
         x = torch.ops.mixkernels.lift(y2, in_dim, seed, kind, nnz, row_offset)

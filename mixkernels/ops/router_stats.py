@@ -281,6 +281,8 @@ def load_balancing_loss(
 def _triton_impl(router_logits, top_k, group_ids, num_groups, mask=None):
     from ..triton import router_stats as triton_kernels
 
+    if group_ids is not None:
+        check_ids_in_range(OP, "group_ids", group_ids, num_groups, mask)
     return triton_kernels.router_stats(router_logits, top_k, group_ids, num_groups, mask)
 
 

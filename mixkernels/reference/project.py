@@ -125,20 +125,18 @@ def projection_block(
     scale = scale_of(kind, out_dim, nnz)
     i = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)
     rh = row_hash_t(key, i)[:, None]  # [rows, 1]
-    if kind == "rademacher":
-        j = torch.arange(out_dim, dtype=torch.int64, device=device)
-        w = word_t(rh, col_hash_t(j >> 5)[None, :])
-        bit = (w >> (j & 31)[None, :]) & 1
-        return (1 - 2 * bit).to(torch.float32) * scale
-    if kind == "gaussian":
-        j = torch.arange(out_dim, dtype=torch.int64, device=device)
-        h1 = word_t(rh, col_hash_t(j >> 1)[None, :])
+    if kind == "rademacher":  # one hash per 32 entries, then its bits
+        words = word_t(rh, col_hash_t(torch.arange((out_dim + 31) // 32, dtype=torch.int64, device=device))[None, :])
+        bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int64, device=device)) & 1
+        return (1 - 2 * bits.reshape(rows, -1)[:, :out_dim]).to(torch.float32) * scale
+    if kind == "gaussian":  # one hash per pair of entries: (r cos, r sin)
+        h1 = word_t(rh, col_hash_t(torch.arange((out_dim + 1) // 2, dtype=torch.int64, device=device))[None, :])
         h2 = mix32_t(h1 ^ GAUSS_SALT)
         u1 = ((h1 >> 8).to(torch.float64) + 0.5) * 2.0**-24
         u2 = (h2 >> 8).to(torch.float64) * 2.0**-24
         r = torch.sqrt(-2.0 * torch.log(u1))
         theta = (2.0 * math.pi) * u2
-        z = torch.where((j & 1)[None, :] == 0, r * torch.cos(theta), r * torch.sin(theta))
+        z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1).reshape(rows, -1)[:, :out_dim]
         return z.to(torch.float32) * scale
     if kind == "sjlt":
         out = torch.zeros(rows, out_dim, dtype=torch.float32, device=device)

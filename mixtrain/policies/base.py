@@ -135,6 +135,10 @@ class MixingPolicy(ABC):
         """Receive the run context once, before :meth:`initial_weights`."""
         self.ctx = ctx
 
+    def prepare_model(self, model: Any) -> None:
+        """Adjust the freshly built HF model before the optimizer is created (e.g. freeze router
+        parameters); called once, before :meth:`setup`. Default: nothing."""
+
     def initial_weights(self, domain_sizes: Mapping[str, int] | Sequence[int]) -> np.ndarray:
         """Weights for step 1. Default: uniform."""
         sizes, _ = sizes_and_names(domain_sizes)
@@ -143,6 +147,10 @@ class MixingPolicy(ABC):
     def update(self, step: int, signals: Signals) -> np.ndarray | None:
         """New weights after optimizer step ``step`` (``None`` keeps the current ones)."""
         return None
+
+    def on_train_end(self, output_dir: Any, step: int) -> None:
+        """Called once on rank 0 after the last step (``output_dir``: the run directory, ``step``:
+        optimizer steps done) to write policy outputs. Default: nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""

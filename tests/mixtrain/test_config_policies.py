@@ -30,7 +30,7 @@ def test_unknown_key_lists_valid_keys():
     raw["train"]["stpes"] = 3
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stpes'\] in section 'train'; valid keys: steps, "):
         from_dict(raw)
-    with pytest.raises(ConfigError, match="valid keys: model, data, mixing, train, deepspeed, output_dir"):
+    with pytest.raises(ConfigError, match="valid keys: model, data, mixing, train, deepspeed, output_dir, gradex, eval"):
         from_dict({**demo_config(), "optim": {}})
 
 

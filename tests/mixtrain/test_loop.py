@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-TIME_KEYS = {"step_time", "policy_time"}
+TIME_KEYS = {"step_time", "policy_time", "policy_time_pct"}
 
 # weights change at steps 2 and 5 (applied from steps 3 and 6)
 SCHEDULE = {"domains": ["math", "lego_1", "addition_1"], "steps": [0, 2, 5],

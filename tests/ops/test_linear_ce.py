@@ -421,3 +421,24 @@ def test_hf_default_labels_and_per_token_groups():
     exp = torch.zeros(2).index_add_(0, shifted[valid], out.loss.detach()[valid])
     torch.testing.assert_close(out.group_loss, exp)
     torch.testing.assert_close(out.loss.sum() / valid.sum(), b.loss)
+
+
+def test_causal_lm_loss_unwraps_peft_lora_model():
+    """A PEFT LoRA model: the fused loss equals the model's own loss and trains the LoRA weights."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mixkernels.hf
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so LoRA changes the output
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 61, (3, 9))
+    out = mixkernels.hf.causal_lm_loss(model, ids)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)

@@ -1,0 +1,170 @@
+"""Benchmark: fused linear cross-entropy with per-group losses vs eager PyTorch and the GEMM floor.
+
+    python bench/bench_linear_ce.py            # the issue's cases (minutes on 2 cores)
+    python bench/bench_linear_ce.py --smoke    # tiny shapes, seconds (keeps the script from rotting)
+
+Per case (fp32 unless noted, 8 groups, 2 threads), forward + backward of the mean loss:
+* floor   -- the three GEMMs of forward + backward (logits = h W^T, dh = dz W, dW = dz^T h), each
+             N*d*V multiply-adds, in fp32 (the CPU compute dtype of every implementation here);
+* eager   -- logits = (h @ W^T) in fp32, F.cross_entropy(reduction="none"), index_add_ per group,
+             .mean().backward() (what users write today);
+* ours    -- mixkernels.linear_cross_entropy(..., group_ids, num_groups) with the auto backend.
+Ratios are measured in the same run. Peak extra memory: RSS growth of a fresh child process that
+builds the inputs, then runs one forward + backward (bench/_harness.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Shared 2-core machines: OpenMP threads that spin at barriers while other processes hold the
+# cores make every parallel region pay a scheduler quantum (100x slowdowns measured on tiny
+# shapes). Sleeping waits keep the ratios meaningful. Must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _harness import Harness, child_peak_mb, current_rss_mb
+
+import mixkernels
+
+GROUPS = 8
+CASES = {
+    "N=8192 d=512 V=32000 fp32": (8192, 512, 32000, torch.float32),
+    "N=4096 d=512 V=128256 fp32": (4096, 512, 128256, torch.float32),
+    "N=8192 d=512 V=32000 bf16": (8192, 512, 32000, torch.bfloat16),
+}
+SMOKE = {"N=64 d=16 V=301 fp32": (64, 16, 301, torch.float32), "N=64 d=16 V=301 bf16": (64, 16, 301, torch.bfloat16)}
+
+
+def make_inputs(n: int, d: int, v: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * d**-0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::17] = -100
+    groups = torch.randint(0, GROUPS, (n,), generator=g)
+    return h, w, y, groups
+
+
+def floor_fn(h, w, y, groups):
+    h32, w32 = h.detach().float(), w.detach().float()
+
+    def run():
+        with torch.no_grad():
+            z = h32 @ w32.T
+            _ = z @ w32
+            _ = z.T @ h32
+
+    return run
+
+
+def eager_fn(h, w, y, groups):
+    def run():
+        h.grad = w.grad = None
+        logits = h.float() @ w.float().T
+        tok = F.cross_entropy(logits, y, reduction="none")
+        valid = y != -100
+        sums = torch.zeros(GROUPS).index_add_(0, groups[valid], tok.detach()[valid])
+        counts = torch.bincount(groups[valid], minlength=GROUPS)
+        (tok.sum() / valid.sum()).backward()
+        return sums, counts
+
+    return run
+
+
+def ours_fn(h, w, y, groups):
+    def run():
+        h.grad = w.grad = None
+        out = mixkernels.linear_cross_entropy(h, w, y, group_ids=groups, num_groups=GROUPS)
+        out.loss.backward()
+        return out.group_loss, out.group_count
+
+    return run
+
+
+IMPLS = {"floor": floor_fn, "eager": eager_fn, "ours": ours_fn}
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image from /proc (VmHWM). Unlike getrusage's ru_maxrss, it is not
+    inherited across fork + exec: a child started by a parent that already peaked at several GB
+    (this bench, after running eager) would otherwise report 0 growth."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def child(impl: str, case: str, smoke: bool) -> None:
+    torch.set_num_threads(2)
+    inputs = make_inputs(*(SMOKE if smoke else CASES)[case])
+    fn = IMPLS[impl](*inputs)
+    before = max(current_rss_mb(), _vm_hwm_mb())
+    fn()
+    print(f"PEAK_EXTRA_MB={max(0.0, _vm_hwm_mb() - before):.1f}", flush=True)
+
+
+def measure(fn, repeat: int) -> tuple[float, float]:
+    """(median wall seconds, min process CPU seconds) after one warm-up run. On a shared machine
+    the CPU time of this process (all its threads) is the robust measure of the work done; wall
+    time also counts the time other processes hold the cores."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), min(cpus)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes only")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--case", action="append", help="run only these case names")
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.smoke)
+        return
+    cases = SMOKE if args.smoke else CASES
+    h = Harness("linear_ce", repeat=1 if args.smoke else args.repeat, warmup=1, threads=2)
+    for case, shape in cases.items():
+        if args.case and case not in args.case:
+            continue
+        inputs = make_inputs(*shape)
+        rep = 1 if args.smoke else args.repeat
+        # the floor is measured before and after the others and the faster taken (shared machine)
+        floor_w, floor_c = measure(floor_fn(*inputs), rep)
+        ours_w, ours_c = measure(ours_fn(*inputs), rep)
+        eager_w, eager_c = measure(eager_fn(*inputs), rep)
+        floor2_w, floor2_c = measure(floor_fn(*inputs), rep)
+        floor_w, floor_c = min(floor_w, floor2_w), min(floor_c, floor2_c)
+        del inputs
+        flags = ["--smoke"] if args.smoke else []
+        mem = {impl: child_peak_mb(__file__, [*flags, "--child", impl, case]) for impl in ("eager", "ours")}
+        backend = mixkernels._backend.select("linear_ce", torch.device("cpu"))
+        for impl, key, wall, cpu in (("3-GEMM floor", None, floor_w, floor_c), ("eager", "eager", eager_w, eager_c),
+                                     (f"ours ({backend})", "ours", ours_w, ours_c)):
+            h.row(case=case, impl=impl, seconds=wall, baseline="3-GEMM floor", baseline_seconds=floor_w,
+                  cpu_s=round(cpu, 3), x_floor_cpu=round(cpu / floor_c, 3), x_floor_wall=round(wall / floor_w, 3),
+                  peak_mb=mem[key] if key else None,
+                  mem_vs_eager=round(mem[key] / mem["eager"], 3) if key and mem["eager"] > 0 else "")
+        print(h.table(), flush=True)
+    h.finish()
+
+
+if __name__ == "__main__":
+    main()
