@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mixkernels  # noqa: E402
-from _harness import Harness, child_peak_mb, report_child_peak  # noqa: E402
+from _harness import Harness, child_peak_mb, report_child_peak
+
+import mixkernels
 
 
 def make_inputs(n: int, s: int, c: int):

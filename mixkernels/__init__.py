@@ -6,8 +6,10 @@ never imports triton or deepspeed and never initialises CUDA.
 
 from __future__ import annotations
 
-from . import _library  # noqa: F401  (defines the op schemas first)
-from . import _extension
+from . import (
+    _extension,
+    _library,  # noqa: F401  (defines the op schemas first)
+)
 from ._backend import backend
 from .grad_projector import GradientProjector
 from .grad_store import GradientStore
@@ -31,6 +33,7 @@ __all__ = [
     "GradientProjector",
     "GradientStore",
     "RouterStats",
+    "__version__",
     "backend",
     "cross_entropy",
     "factored_sketch",
@@ -41,7 +44,6 @@ __all__ = [
     "projection_matrix",
     "router_stats",
     "segment_sum",
-    "__version__",
 ]
 
 

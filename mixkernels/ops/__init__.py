@@ -16,4 +16,4 @@ __all__ = [
     "router_stats",
     "segment_sum",
 ]
-__all__ += ["project", "lift", "projection_matrix", "factored_sketch"]
+__all__ += ["factored_sketch", "lift", "project", "projection_matrix"]

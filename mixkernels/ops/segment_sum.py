@@ -24,7 +24,14 @@ import torch
 from .. import _backend, _extension
 from .._library import lib
 from ..reference import segment_sum as _reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_ids_in_range, check_same_device, check_tensor
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dtype,
+    check_ids_in_range,
+    check_same_device,
+    check_tensor,
+)
 
 OP = "segment_sum"
 

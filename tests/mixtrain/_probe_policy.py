@@ -47,7 +47,7 @@ class Probe(policies.MixingPolicy):
             "hidden_err": float((ours_hidden - ref_hidden).abs().max()),
             "emb_shape": list(s.domain_embedding.shape),
             "emb_finite_rows": [bool(np.isfinite(r).all()) for r in s.domain_embedding],
-            "n_examples": int(len(ex)),
+            "n_examples": len(ex),
             "example_domains": np.bincount(doms, minlength=len(s.domain_names)).tolist(),
             "fractions": s.fractions.tolist(),
             "dev": s.dev_domain_loss.tolist(),
@@ -55,7 +55,6 @@ class Probe(policies.MixingPolicy):
         })
         with open(os.environ["PROBE_OUT"], "w") as f:
             json.dump(self.log, f)
-        return None
 
     def state_dict(self):
         return {"log": self.log}
@@ -105,4 +104,3 @@ class ProbeRouter(policies.MixingPolicy):
         })
         with open(os.environ["PROBE_OUT"], "w") as f:
             json.dump(self.log, f)
-        return None
