@@ -75,9 +75,11 @@ def _run_case(fn, args, kwargs, name: str) -> tuple[bool, str]:
             got = _flatten(fn(*args, **kwargs))
         assert len(got) == len(expected), f"{len(got)} outputs vs {len(expected)}"
         for g, e in zip(got, expected):
-            tol = {} if e.dtype.is_floating_point else {"atol": 0, "rtol": 0}
+            # Backends sum in different orders: the absolute error scales with the output's size.
+            scale = max(1.0, e.detach().abs().max().item()) if e.numel() and e.dtype.is_floating_point else 1.0
+            tol = {"atol": 1e-5 * scale, "rtol": 1e-5} if e.dtype.is_floating_point else {"atol": 0, "rtol": 0}
             if e.dtype in (torch.float16, torch.bfloat16):
-                tol = {"atol": 2e-2, "rtol": 2e-2}
+                tol = {"atol": 2e-2 * scale, "rtol": 2e-2}
             torch.testing.assert_close(g.detach(), e.detach(), **tol)
         return True, ""
     except Exception as exc:  # noqa: BLE001 - the table reports any failure
