@@ -14,6 +14,10 @@ are what the README quotes. Usage in a bench script::
 Peak memory: ``child_peak_mb(script, args)`` reruns a bench script in a fresh process with
 ``--child ...`` arguments; the child calls ``report_child_peak(fn)``, which prints the growth of
 the process's peak RSS caused by ``fn`` (inputs are built before the baseline is taken).
+The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (every large buffer is its own mapping and
+goes back to the OS when freed, so RSS follows live memory instead of glibc's cached heap) and
+resets its peak (``VmHWM``, via ``/proc/self/clear_refs``) just before ``fn``, so a warm-up run
+in the child does not hide or inflate the measured run's peak.
 """
 
 from __future__ import annotations
@@ -78,16 +82,27 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def report_child_peak(fn: Callable[[], Any]) -> None:
     """In a ``--child`` process: run ``fn`` once and print its peak RSS growth."""
-    before = max(current_rss_mb(), peak_rss_mb())
+    before = current_rss_mb() if _reset_peak_rss() else max(current_rss_mb(), peak_rss_mb())
     fn()
     print(f"PEAK_EXTRA_MB={max(0.0, peak_rss_mb() - before):.1f}", flush=True)
 
 
 def child_peak_mb(script: str | Path, args: list[str]) -> float:
     """Run ``python script *args`` in a fresh process and read its ``PEAK_EXTRA_MB`` line."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("PEAK_EXTRA_MB="):
             return float(line.split("=", 1)[1])
