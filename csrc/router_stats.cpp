@@ -7,8 +7,9 @@
 // of the shapes). Per token: max, exp, sum, probabilities, entropy and a k-slot insertion top-k
 // (exact ties keep the lower expert index): the softmax arithmetic is the MK_HD helpers of
 // router_stats.h that the CUDA kernel runs too; the top-k set is the one router_topk_insert
-// (CUDA) selects, found with a branch-light candidate filter + rank count (select_topk). The three O(E) passes are written for `omp simd` reductions and are
-// compiled twice: for the baseline x86-64 target and for AVX2+FMA (chosen at run time).
+// (CUDA) selects, found by k branch-free vector arg-max passes (select_topk). The O(E) passes
+// are written for `omp simd` reductions / vector extensions and are compiled twice: for the
+// baseline x86-64 target and for AVX2+FMA (chosen at run time).
 //
 // Backward: the same per-token softmax recomputed, then dz = p (a - <p, a>) - b p (log p + H).
 #include "router_stats.h"
@@ -18,9 +19,12 @@
 
 #include <algorithm>
 #include <limits>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
 #define MK_X86_DISPATCH 1
 #define MK_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -84,6 +88,17 @@ at::Tensor router_aux_loss(const at::Tensor& counts, const at::Tensor& prob_sum,
   return (frac_tokens * frac_probs).sum(-1) * static_cast<double>(e);
 }
 
+bool router_stats_use_avx2() {
+#if MK_X86_DISPATCH
+  // MIXKERNELS_NO_AVX2=1 forces the baseline build (how the tests cover it on an AVX2 machine)
+  static const bool use = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("MIXKERNELS_NO_AVX2") == nullptr;
+  return use;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 constexpr int64_t kTokensPerChunk = 1024;
@@ -106,11 +121,89 @@ struct Problem {
   int64_t chunks, chunk_tokens;
 };
 
+#if MK_X86_DISPATCH
+// router_exp on eight floats with AVX2+FMA: the same operations in the same order (clamp, fused
+// floor(x log2e + 1/2), two-part ln2 reduction, the degree-7 Horner chain of fmas, exponent bits),
+// so each lane equals the scalar router_exp of the AVX2 build. (GCC leaves the scalar loop
+// unvectorised: it sees control flow in router_exp.)
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 router_exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 zero_out = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // underflow and not NaN -> 0
+  x = _mm256_blendv_ps(x, lo, zero_out);
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.f / 5040.f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f / 720.f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f / 120.f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f / 24.f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f / 6.f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(poly, _mm256_castsi256_ps(bits)), _mm256_setzero_ps(), zero_out);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// softmax_row (below) for float accumulation, eight experts at a time; the tail is scalar.
+template <typename scalar_t>
+__attribute__((target("avx2,fma"), noinline)) float softmax_row_avx2(const scalar_t* __restrict__ row, int64_t e_count,
+                                                                      float* __restrict__ x, float* __restrict__ p,
+                                                                      float* dot_out) {
+  const float* src = x;  // half/bfloat16 rows are widened into x first (x[e] is read before written)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    src = row;
+  } else {
+    for (int64_t e = 0; e < e_count; ++e) x[e] = static_cast<float>(row[e]);
+  }
+  const int64_t vec_end = e_count / 8 * 8;
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t e = 0; e < vec_end; e += 8) mv = _mm256_max_ps(_mm256_loadu_ps(src + e), mv);  // NaN lanes keep mv
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (int64_t e = vec_end; e < e_count; ++e) m = src[e] > m ? src[e] : m;
+  const __m256 mb = _mm256_set1_ps(m), zero = _mm256_setzero_ps();
+  __m256 sv = zero, dv = zero;
+  for (int64_t e = 0; e < vec_end; e += 8) {
+    const __m256 xe = _mm256_sub_ps(_mm256_loadu_ps(src + e), mb);
+    const __m256 ex = router_exp8(xe);
+    _mm256_storeu_ps(x + e, xe);
+    _mm256_storeu_ps(p + e, ex);
+    sv = _mm256_add_ps(sv, ex);
+    dv = _mm256_add_ps(dv, _mm256_and_ps(_mm256_mul_ps(ex, xe), _mm256_cmp_ps(ex, zero, _CMP_GT_OQ)));
+  }
+  float s = hsum8(sv), dot = hsum8(dv);
+  for (int64_t e = vec_end; e < e_count; ++e) {
+    const float xe = src[e] - m;
+    const float ex = router_exp(xe);
+    x[e] = xe;
+    p[e] = ex;
+    s += ex;
+    dot += ex > 0.f ? ex * xe : 0.f;
+  }
+  *dot_out = dot;
+  return s;
+}
+#endif
+
 // Softmax pieces of one token: x[e] = z_e - m, p[e] = router_exp(x_e) (unnormalised); returns
 // s = sum_e p[e] and *dot = sum_{p_e > 0} p[e] x[e] (for the entropy). Two O(E) passes.
-template <typename scalar_t, typename acc_t>
+// kAvx2 (the AVX2+FMA build of an item) with float accumulation takes softmax_row_avx2.
+template <bool kAvx2, typename scalar_t, typename acc_t>
 MK_ALWAYS_INLINE acc_t softmax_row(const scalar_t* __restrict__ row, int64_t e_count, acc_t* __restrict__ x,
                                    acc_t* __restrict__ p, acc_t* dot_out) {
+#if MK_X86_DISPATCH
+  if constexpr (kAvx2 && std::is_same_v<acc_t, float>) return softmax_row_avx2<scalar_t>(row, e_count, x, p, dot_out);
+#endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t e = 0; e < e_count; ++e) {
@@ -131,56 +224,75 @@ MK_ALWAYS_INLINE acc_t softmax_row(const scalar_t* __restrict__ row, int64_t e_c
   return s;
 }
 
-// Top-k set of p[0..E) (ties to the lower index), written to top_i[0..k). Same set as inserting
-// every expert with router_topk_insert (what the CUDA kernel does) but with few unpredictable
-// branches:
-//   1. split the experts into k contiguous blocks; t = min over blocks of the block maximum.
-//      The k block maxima are k experts with p >= t, so no expert with p < t is in the top-k.
-//   2. compact the candidates {e : p_e >= t} in expert order (branch-free; ~E/4 for random
-//      logits at E = 64, k = 8).
-//   3. rank each candidate by counting the candidates that beat it (greater value, or equal
-//      value and lower index); the k with rank < k are the answer (vectorised counting).
-// NaN probabilities (NaN logits) fail every comparison; then the insertion path decides.
-// Scratch: cand_v, cand_i of E entries; top_i of E + 1 entries.
+// Lanes of one 32-byte vector of acc_t (8 floats or 4 doubles) and the matching index lanes.
 template <typename acc_t>
-MK_ALWAYS_INLINE void select_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, acc_t* __restrict__ cand_v,
-                                  int32_t* __restrict__ cand_i, acc_t* __restrict__ top_v, int32_t* __restrict__ top_i) {
-  acc_t threshold = std::numeric_limits<acc_t>::infinity();
-  for (int32_t b = 0; b < k; ++b) {
-    const int64_t lo = b * e_count / k, hi = (b + 1) * e_count / k;
-    acc_t block_max = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : block_max)
-    for (int64_t e = lo; e < hi; ++e) block_max = p[e] > block_max ? p[e] : block_max;
-    threshold = block_max < threshold ? block_max : threshold;
-  }
-  int32_t n = 0;
-  for (int64_t e = 0; e < e_count; ++e) {
-    cand_v[n] = p[e];
-    cand_i[n] = static_cast<int32_t>(e);
-    n += p[e] >= threshold ? 1 : 0;
-  }
-  if (n < k) {  // only with NaN: fall back to plain insertion
+struct Lanes {
+  static constexpr int kW = 32 / static_cast<int>(sizeof(acc_t));
+  using index_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  typedef acc_t vec __attribute__((vector_size(32)));
+  typedef index_t ivec __attribute__((vector_size(32)));
+};
+
+// Top-k set of p[0..E) (ties to the lower index), written to top_i[0..k): the same set as
+// inserting every expert with router_topk_insert (what the CUDA kernel does). Experts are ranked
+// by (p descending, index ascending), a strict total order; pass j finds the largest expert that
+// comes after pass j-1's winner in that order, by a vectorised arg-max over p (each lane keeps
+// its largest eligible value and, by strict '>', the lowest index holding it), then a butterfly
+// merge of the lanes (largest value, then lowest index). Nothing is written between passes and no
+// branch depends on the data. p is padded to whole vectors with -1: never chosen, since
+// probabilities are >= 0 and k <= E. NaN probabilities (a NaN or +inf logit makes s NaN) fail
+// every comparison; then the insertion path decides, as on CUDA.
+template <typename acc_t>
+MK_ALWAYS_INLINE void select_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, acc_t s,
+                                  acc_t* __restrict__ top_v, int32_t* __restrict__ top_i) {
+  if (!(s == s)) {
     int32_t filled = 0;
     for (int64_t e = 0; e < e_count; ++e) router_topk_insert<acc_t>(p[e], static_cast<int32_t>(e), top_v, top_i, &filled, k);
     return;
   }
-  int32_t out = 0;
-  for (int32_t i = 0; i < n; ++i) {
-    const acc_t v = cand_v[i];
-    int32_t rank = 0;
-#pragma omp simd reduction(+ : rank)
-    for (int32_t j = 0; j < n; ++j) rank += (cand_v[j] > v) | ((cand_v[j] == v) & (j < i)) ? 1 : 0;
-    top_i[out] = cand_i[i];
-    out += rank < k ? 1 : 0;
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  using ivec = typename L::ivec;
+  using index_t = typename L::index_t;
+  constexpr int W = L::kW;
+  const int64_t padded = (e_count + W - 1) / W * W;
+  ivec lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  vec prev_v = vec{} + std::numeric_limits<acc_t>::infinity();  // pass 0: every expert eligible
+  ivec prev_i = ivec{} - 1;
+  for (int32_t j = 0; j < k; ++j) {
+    vec best = vec{} - acc_t(2);  // below the -1 padding
+    ivec best_i = ivec{};
+    ivec idx = lane;
+    for (int64_t e = 0; e < padded; e += W, idx += W) {
+      vec v;
+      std::memcpy(&v, p + e, sizeof(vec));
+      const auto take = ((v < prev_v) | ((v == prev_v) & (idx > prev_i))) & (v > best);
+      best = take ? v : best;
+      best_i = take ? idx : best_i;
+    }
+    vec m = best;
+    for (int step = W / 2; step >= 1; step /= 2) {
+      const vec o = __builtin_shuffle(m, lane ^ step);
+      m = o > m ? o : m;
+    }
+    ivec mi = best == m ? best_i : ivec{} + std::numeric_limits<index_t>::max();
+    for (int step = W / 2; step >= 1; step /= 2) {
+      const ivec o = __builtin_shuffle(mi, lane ^ step);
+      mi = o < mi ? o : mi;
+    }
+    prev_v = m;  // the butterflies leave the winner in every lane
+    prev_i = mi;
+    top_i[j] = static_cast<int32_t>(mi[0]);
   }
 }
 
 // One (chunk, layer) work item of the forward.
-template <typename scalar_t, typename acc_t, typename index_t>
+template <bool kAvx2, typename scalar_t, typename acc_t, typename index_t>
 MK_ALWAYS_INLINE void forward_item(const Problem<scalar_t, acc_t, index_t>& pb, int64_t chunk, int64_t layer,
                                    acc_t* __restrict__ probs, acc_t* __restrict__ entropy, int64_t* __restrict__ counts,
                                    int64_t* __restrict__ tokens, int64_t* bad_token, acc_t* x, acc_t* p, acc_t* top_v,
-                                   int32_t* top_i, acc_t* cand_v, int32_t* cand_i) {
+                                   int32_t* top_i) {
   const int64_t e_count = pb.experts;
   const int32_t k = static_cast<int32_t>(pb.top_k);
   const int64_t t0 = chunk * pb.chunk_tokens;
@@ -194,7 +306,7 @@ MK_ALWAYS_INLINE void forward_item(const Problem<scalar_t, acc_t, index_t>& pb, 
       return;
     }
     acc_t dot;
-    const acc_t s = softmax_row<scalar_t, acc_t>(base + t * pb.row_stride, e_count, x, p, &dot);
+    const acc_t s = softmax_row<kAvx2, scalar_t, acc_t>(base + t * pb.row_stride, e_count, x, p, &dot);
     const acc_t inv = acc_t(1) / s;
     acc_t* __restrict__ dst = probs + g * e_count;
 #pragma omp simd
@@ -203,14 +315,14 @@ MK_ALWAYS_INLINE void forward_item(const Problem<scalar_t, acc_t, index_t>& pb, 
       dst[e] += p[e];
     }
     entropy[g] += router_entropy(s, dot, inv);
-    select_topk<acc_t>(p, e_count, k, cand_v, cand_i, top_v, top_i);
+    select_topk<acc_t>(p, e_count, k, s, top_v, top_i);
     int64_t* __restrict__ c = counts + g * e_count;
     for (int32_t j = 0; j < k; ++j) c[top_i[j]] += 1;
     if (tokens) tokens[g] += 1;
   }
 }
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <bool kAvx2, typename scalar_t, typename acc_t, typename index_t>
 MK_ALWAYS_INLINE void backward_item(const Problem<scalar_t, acc_t, index_t>& pb, int64_t chunk, int64_t layer,
                                     const acc_t* __restrict__ grad_probs, const acc_t* __restrict__ grad_entropy,
                                     scalar_t* __restrict__ out, acc_t* x, acc_t* p) {
@@ -226,7 +338,7 @@ MK_ALWAYS_INLINE void backward_item(const Problem<scalar_t, acc_t, index_t>& pb,
       continue;
     }
     acc_t dot;
-    const acc_t s = softmax_row<scalar_t, acc_t>(base + t * pb.row_stride, e_count, x, p, &dot);
+    const acc_t s = softmax_row<kAvx2, scalar_t, acc_t>(base + t * pb.row_stride, e_count, x, p, &dot);
     const acc_t inv = acc_t(1) / s;
     const acc_t* __restrict__ a = grad_probs + (layer * pb.groups + g) * e_count;
     const acc_t b = grad_entropy[layer * pb.groups + g];
@@ -247,29 +359,25 @@ MK_ALWAYS_INLINE void backward_item(const Problem<scalar_t, acc_t, index_t>& pb,
 // The same item bodies compiled for the baseline target and for AVX2+FMA.
 template <typename S, typename A, typename I>
 void forward_item_base(const Problem<S, A, I>& pb, int64_t c, int64_t l, A* pr, A* en, int64_t* co, int64_t* tk,
-                       int64_t* bad, A* x, A* p, A* tv, int32_t* ti, A* cv, int32_t* ci) {
-  forward_item(pb, c, l, pr, en, co, tk, bad, x, p, tv, ti, cv, ci);
+                       int64_t* bad, A* x, A* p, A* tv, int32_t* ti) {
+  forward_item<false>(pb, c, l, pr, en, co, tk, bad, x, p, tv, ti);
 }
 template <typename S, typename A, typename I>
 void backward_item_base(const Problem<S, A, I>& pb, int64_t c, int64_t l, const A* gp, const A* ge, S* out, A* x,
                         A* p) {
-  backward_item(pb, c, l, gp, ge, out, x, p);
+  backward_item<false>(pb, c, l, gp, ge, out, x, p);
 }
 #if MK_X86_DISPATCH
 template <typename S, typename A, typename I>
 __attribute__((target("avx2,fma"))) void forward_item_avx2(const Problem<S, A, I>& pb, int64_t c, int64_t l, A* pr,
                                                            A* en, int64_t* co, int64_t* tk, int64_t* bad, A* x, A* p,
-                                                           A* tv, int32_t* ti, A* cv, int32_t* ci) {
-  forward_item(pb, c, l, pr, en, co, tk, bad, x, p, tv, ti, cv, ci);
+                                                           A* tv, int32_t* ti) {
+  forward_item<true>(pb, c, l, pr, en, co, tk, bad, x, p, tv, ti);
 }
 template <typename S, typename A, typename I>
 __attribute__((target("avx2,fma"))) void backward_item_avx2(const Problem<S, A, I>& pb, int64_t c, int64_t l,
                                                             const A* gp, const A* ge, S* out, A* x, A* p) {
-  backward_item(pb, c, l, gp, ge, out, x, p);
-}
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  backward_item<true>(pb, c, l, gp, ge, out, x, p);
 }
 #endif
 
@@ -315,12 +423,13 @@ void forward_cpu(const Problem<scalar_t, acc_t, index_t>& pb, acc_t* prob_out, a
   std::vector<int64_t> part_tokens(static_cast<size_t>(C * G), 0);
   std::vector<int64_t> bad(static_cast<size_t>(items), -1);
 #if MK_X86_DISPATCH
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = router_stats_use_avx2();
 #endif
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x(static_cast<size_t>(E)), p(static_cast<size_t>(E)), top_v(static_cast<size_t>(pb.top_k));
-    std::vector<acc_t> cand_v(static_cast<size_t>(E));
-    std::vector<int32_t> top_i(static_cast<size_t>(E + 1)), cand_i(static_cast<size_t>(E));
+    // p padded to whole vectors with -1 for select_topk (the tail is never written)
+    std::vector<acc_t> x(static_cast<size_t>(E)), p(static_cast<size_t>(E + 8), acc_t(-1));
+    std::vector<acc_t> top_v(static_cast<size_t>(pb.top_k));
+    std::vector<int32_t> top_i(static_cast<size_t>(E + 1));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / L, layer = item % L;
       acc_t* pr = part_probs.data() + item * G * E;
@@ -329,13 +438,11 @@ void forward_cpu(const Problem<scalar_t, acc_t, index_t>& pb, acc_t* prob_out, a
       int64_t* tk = layer == 0 ? part_tokens.data() + chunk * G : nullptr;
 #if MK_X86_DISPATCH
       if (avx2) {
-        forward_item_avx2(pb, chunk, layer, pr, en, co, tk, &bad[item], x.data(), p.data(), top_v.data(), top_i.data(),
-                          cand_v.data(), cand_i.data());
+        forward_item_avx2(pb, chunk, layer, pr, en, co, tk, &bad[item], x.data(), p.data(), top_v.data(), top_i.data());
         continue;
       }
 #endif
-      forward_item_base(pb, chunk, layer, pr, en, co, tk, &bad[item], x.data(), p.data(), top_v.data(), top_i.data(),
-                        cand_v.data(), cand_i.data());
+      forward_item_base(pb, chunk, layer, pr, en, co, tk, &bad[item], x.data(), p.data(), top_v.data(), top_i.data());
     }
   });
   int64_t first_bad = -1;
@@ -458,7 +565,7 @@ std::vector<at::Tensor> router_stats_backward_cpu(const std::vector<at::Tensor>&
       const acc_t* gp_ptr = gp.data_ptr<acc_t>();
       const acc_t* ge_ptr = ge.data_ptr<acc_t>();
 #if MK_X86_DISPATCH
-      const bool avx2 = cpu_has_avx2();
+      const bool avx2 = router_stats_use_avx2();
 #endif
       at::parallel_for(0, pb.chunks * pb.layers, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> x(static_cast<size_t>(d.experts)), p(static_cast<size_t>(d.experts));

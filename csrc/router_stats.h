@@ -95,6 +95,9 @@ MK_HD acc_t router_grad_term(acc_t p, acc_t x, acc_t log_s, acc_t entropy, acc_t
 
 MK_HD bool router_token_counted(const bool* mask, int64_t t) { return mask == nullptr || mask[t]; }
 
+// Whether the CPU kernels run their AVX2+FMA build (CPU support, and MIXKERNELS_NO_AVX2 unset).
+bool router_stats_use_avx2();
+
 // Validated shapes of a router_stats call.
 struct RouterStatsDims {
   int64_t layers;

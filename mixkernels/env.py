@@ -9,6 +9,9 @@ MIXKERNELS_BACKEND      default backend for every op: ``auto`` (default), ``refe
                         or ``triton`` (see :func:`mixkernels.backend`).
 MIXKERNELS_DISABLE_EXT  ``1`` skips loading the compiled extension ``mixkernels._C`` (the
                         reference fallbacks then serve every op).
+MIXKERNELS_NO_AVX2      ``1`` (any value) makes the router_stats CPU kernels run their baseline x86-64
+                        build instead of the AVX2+FMA one (read once, at the first call;
+                        ``mixkernels._C.cpu_isa()`` reports which). For testing the fallback path.
 MIXKERNELS_BUILD_CUDA   build time: ``0`` skips the CUDA sources even when torch is a CUDA build
                         and nvcc is found (fast local rebuilds); ``1`` is the same as ``FORCE_CUDA=1``.
 FORCE_CUDA              build time: compile the CUDA sources even if nvcc detection fails.

@@ -195,6 +195,35 @@ def test_cxx_bitwise_deterministic_across_thread_counts():
             assert torch.equal(getattr(other, name), getattr(results[0], name)), name
 
 
+@pytest.mark.skipif("cxx" not in BACKENDS, reason="C++ extension not loaded")
+def test_cxx_baseline_isa_build():
+    """The C++ kernels' baseline x86-64 build (what a CPU without AVX2 runs), forced with
+    MIXKERNELS_NO_AVX2=1 in a fresh process: every cxx test of this file must pass on it too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MIXKERNELS_NO_AVX2": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "(cxx or property) and not baseline_isa"], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+def test_cxx_isa_reported():
+    from mixkernels import _extension
+
+    if not _extension.LOADED:
+        pytest.skip("C++ extension not loaded")
+    import os
+
+    from mixkernels import _C
+
+    expected = {"baseline"} if os.environ.get("MIXKERNELS_NO_AVX2") else {"avx2", "baseline"}
+    assert _C.cpu_isa() in expected
+
+
 # ---- transformers' load_balancing_loss_func ------------------------------------------------
 
 
