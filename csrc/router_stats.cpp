@@ -233,23 +233,16 @@ struct Lanes {
   typedef index_t ivec __attribute__((vector_size(32)));
 };
 
-// Top-k set of p[0..E) (ties to the lower index), written to top_i[0..k): the same set as
-// inserting every expert with router_topk_insert (what the CUDA kernel does). Experts are ranked
-// by (p descending, index ascending), a strict total order; pass j finds the largest expert that
-// comes after pass j-1's winner in that order, by a vectorised arg-max over p (each lane keeps
-// its largest eligible value and, by strict '>', the lowest index holding it), then a butterfly
-// merge of the lanes (largest value, then lowest index). Nothing is written between passes and no
-// branch depends on the data. p is padded to whole vectors with -1: never chosen, since
-// probabilities are >= 0 and k <= E. NaN probabilities (a NaN or +inf logit makes s NaN) fail
-// every comparison; then the insertion path decides, as on CUDA.
+// The two ways select_topk (below) finds the top-k set.
 template <typename acc_t>
-MK_ALWAYS_INLINE void select_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, acc_t s,
-                                  acc_t* __restrict__ top_v, int32_t* __restrict__ top_i) {
-  if (!(s == s)) {
-    int32_t filled = 0;
-    for (int64_t e = 0; e < e_count; ++e) router_topk_insert<acc_t>(p[e], static_cast<int32_t>(e), top_v, top_i, &filled, k);
-    return;
-  }
+MK_ALWAYS_INLINE void insertion_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, acc_t* __restrict__ top_v,
+                                     int32_t* __restrict__ top_i) {
+  int32_t filled = 0;
+  for (int64_t e = 0; e < e_count; ++e) router_topk_insert<acc_t>(p[e], static_cast<int32_t>(e), top_v, top_i, &filled, k);
+}
+
+template <typename acc_t>
+MK_ALWAYS_INLINE void vector_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, int32_t* __restrict__ top_i) {
   using L = Lanes<acc_t>;
   using vec = typename L::vec;
   using ivec = typename L::ivec;
@@ -287,6 +280,28 @@ MK_ALWAYS_INLINE void select_topk(const acc_t* __restrict__ p, int64_t e_count, 
   }
 }
 
+// Top-k set of p[0..E) (ties to the lower index), written to top_i[0..k): the same set as
+// inserting every expert with router_topk_insert (what the CUDA kernel does). Experts are ranked
+// by (p descending, index ascending), a strict total order; pass j finds the largest expert that
+// comes after pass j-1's winner in that order, by a vectorised arg-max over p (each lane keeps
+// its largest eligible value and, by strict '>', the lowest index holding it), then a butterfly
+// merge of the lanes (largest value, then lowest index). Nothing is written between passes and no
+// branch depends on the data. p is padded to whole vectors with -1: never chosen, since
+// probabilities are >= 0 and k <= E. NaN probabilities (a NaN or +inf logit makes s NaN) fail
+// every comparison; then the insertion path decides, as on CUDA. The baseline x86-64 build
+// (kVector false: SSE2 has no blend or variable shuffle, the passes would be 5-10x slower) always
+// takes the insertion path.
+template <bool kVector, typename acc_t>
+MK_ALWAYS_INLINE void select_topk(const acc_t* __restrict__ p, int64_t e_count, int32_t k, acc_t s,
+                                  acc_t* __restrict__ top_v, int32_t* __restrict__ top_i) {
+  if constexpr (!kVector) {
+    insertion_topk(p, e_count, k, top_v, top_i);
+  } else {
+    if (!(s == s)) return insertion_topk(p, e_count, k, top_v, top_i);
+    vector_topk(p, e_count, k, top_i);
+  }
+}
+
 // One (chunk, layer) work item of the forward.
 template <bool kAvx2, typename scalar_t, typename acc_t, typename index_t>
 MK_ALWAYS_INLINE void forward_item(const Problem<scalar_t, acc_t, index_t>& pb, int64_t chunk, int64_t layer,
@@ -315,7 +330,7 @@ MK_ALWAYS_INLINE void forward_item(const Problem<scalar_t, acc_t, index_t>& pb, 
       dst[e] += p[e];
     }
     entropy[g] += router_entropy(s, dot, inv);
-    select_topk<acc_t>(p, e_count, k, s, top_v, top_i);
+    select_topk<kAvx2, acc_t>(p, e_count, k, s, top_v, top_i);
     int64_t* __restrict__ c = counts + g * e_count;
     for (int32_t j = 0; j < k; ++j) c[top_i[j]] += 1;
     if (tokens) tokens[g] += 1;
