@@ -25,7 +25,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m mixkernels.info
 	touch $(STAMP)
 
-test: setup test-cpu test-triton
+test: setup lint test-cpu test-triton
 
 test-cpu: setup
 	$(PY) -m pytest $(PYTEST_FLAGS) -m "not triton" tests

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -207,6 +208,9 @@ def main() -> None:
         pcase = f"project [{n_rows}, {cfg['p_rows']:,}] -> {cfg['k']}"
         x = torch.randn(n_rows, cfg["p_rows"])
         t_trak = None
+        if "trak" not in skip and importlib.util.find_spec("trak") is None:
+            print("TRAK not installed (pip install -e '.[bench]'): its row is skipped")
+            skip.add("trak")
         if "trak" not in skip:
             rows = cfg["trak_rows"]
             proj = trak_projector(rows, cfg["k"])

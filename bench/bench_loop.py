@@ -170,7 +170,7 @@ def child_signals(a: argparse.Namespace) -> None:
         bus = SignalBus([e.name for e in enc]) if groups else None
         b = dict(batch) if groups else {**batch, "domain_ids": torch.zeros_like(batch["domain_ids"])}
 
-        def step():
+        def step(engine=engine, b=b, bus=bus):
             for _ in range(a.ga):
                 out = engine(**b)
                 engine.backward(out["loss"])

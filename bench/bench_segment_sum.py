@@ -62,8 +62,8 @@ def main() -> None:
                 got, ref = ours(values, ids, s), baseline(values, ids, s)
                 torch.testing.assert_close(got[1], ref[1])
                 torch.testing.assert_close(got[0], ref[0], atol=1e-3 * max(1.0, n / s) ** 0.5, rtol=1e-4)
-                t_base = h.time(lambda: baseline(values, ids, s))
-                t_ours = h.time(lambda: ours(values, ids, s))
+                t_base = h.time(lambda v=values, i=ids, s=s: baseline(v, i, s))
+                t_ours = h.time(lambda v=values, i=ids, s=s: ours(v, i, s))
                 case = f"N={n / 2**20:g}M S={s} C={c}" if n >= 2**20 else f"N={n} S={s} C={c}"
                 mem = {} if args.tiny else {
                     "peak_mb": child_peak_mb(__file__, ["--child", "cxx", str(n), str(s), str(c)]),

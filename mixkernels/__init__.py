@@ -7,7 +7,7 @@ never imports triton or deepspeed and never initialises CUDA.
 from __future__ import annotations
 
 from . import (
-    _extension,
+    _extension,  # noqa: F401  (loads the compiled kernels)
     _library,  # noqa: F401  (defines the op schemas first)
 )
 from ._backend import backend

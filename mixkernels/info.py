@@ -33,9 +33,10 @@ def _version(dist: str) -> str:
 def describe() -> str:
     lines = [
         f"python        {sys.version.split()[0]}",
-        f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
-        f"C++11 ABI {torch._C._GLIBCXX_USE_CXX11_ABI})",
-        f"triton        {_version('triton')}" + ("  [TRITON_INTERPRET=1]" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
+        (f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+         f"C++11 ABI {torch._C._GLIBCXX_USE_CXX11_ABI})"),
+        f"triton        {_version('triton')}"
+        + ("  [TRITON_INTERPRET=1]" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
         f"deepspeed     {_version('deepspeed')}",
         f"transformers  {_version('transformers')}",
         f"build info    {_extension.read_build_info()}",
@@ -109,7 +110,7 @@ def _triton_rows() -> list[tuple[str, str, str, bool, str]]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "mixkernels.info", "--selftest", "--backends", "triton", "--rows"],
-        env=env, capture_output=True, text=True,
+        env=env, capture_output=True, text=True, check=False,
     )
     rows = []
     for line in proc.stdout.splitlines():

@@ -69,7 +69,7 @@ def init_distributed() -> DistInfo:
                 MASTER_PORT=str(_free_port()),
             )
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:

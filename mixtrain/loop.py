@@ -91,7 +91,7 @@ class MetricsWriter:
                 except json.JSONDecodeError:
                     break  # a torn last line from a kill
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-        self.f = open(self.path, "a", encoding="utf-8")
+        self.f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open for the whole run; close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -82,7 +82,7 @@ def _stdlib_defs() -> tuple[tuple[str, str, str, str, str], ...]:
             continue
         lines = src.splitlines()
 
-        def visit(node: ast.AST, prefix: str) -> None:
+        def visit(node: ast.AST, prefix: str, lines: list[str] = lines, mod: str = mod) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     qual = f"{prefix}{child.name}"
@@ -94,7 +94,7 @@ def _stdlib_defs() -> tuple[tuple[str, str, str, str, str], ...]:
                         kind = "class" if isinstance(child, ast.ClassDef) else "function"
                         out.append((mod, qual, kind, header, body, doc))
                     if isinstance(child, ast.ClassDef):
-                        visit(child, qual + ".")
+                        visit(child, qual + ".", lines, mod)
 
         visit(tree, "")
     return tuple(out)

@@ -8,6 +8,7 @@ packed SFT without varlen kernels. A row keeps exactly one domain, so per-domain
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from .tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, encode_messages
 __all__ = ["EncodedDomain", "collate", "encode_domains", "encode_records"]
 
 Row = tuple[list[int], list[int]]
+
+log = logging.getLogger("mixtrain")
 
 
 @dataclass
@@ -83,8 +86,24 @@ def encode_domains(
         )
         dev_records = d.dev[:max_dev_examples] if max_dev_examples else d.dev
         dev = encode_records(tok, dev_records, max_length=max_length, train_on_prompt=train_on_prompt)
+        if not packing:
+            _warn_truncation(d.name, train, max_length)
         out.append(EncodedDomain(d.name, train, dev, list(d.train)))
     return out
+
+
+def _warn_truncation(name: str, rows: Sequence[Row], max_length: int) -> None:
+    """Warn when ``max_length`` cuts much of a domain: rows that reach it were (probably)
+    truncated; rows left without a trained label token teach nothing but are still sampled."""
+    if not rows:
+        return
+    cut = sum(1 for ids, _ in rows if len(ids) >= max_length)
+    dead = sum(1 for _, lab in rows if all(x == IGNORE_INDEX for x in lab[1:]))
+    if dead / len(rows) > 0.1 or cut / len(rows) > 0.25:
+        log.warning(
+            "domain %r: %d of %d rows reach max_length=%d (truncated) and %d have no trained token left; "
+            "raise data.max_length or shorten the records", name, cut, len(rows), max_length, dead,
+        )
 
 
 def collate(

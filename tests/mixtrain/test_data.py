@@ -187,3 +187,21 @@ def test_packing_concatenates_rows_of_a_domain():
     assert flat_lab == [x for _, lab in full for x in lab]
     assert all(len(ids) == 64 for ids, _ in packed[:-1]) and len(packed) == -(-len(flat_ids) // 64)
     assert all(len(ids) <= 64 for ids, _ in rows)
+
+
+def test_truncation_warning_names_the_domain(caplog):
+    from mixtrain.data import encode_domains
+    from mixtrain.data.sources import Domain, Record
+
+    def rec(prompt, response):
+        return Record((("user", prompt), ("assistant", response)))
+
+    tok = ByteTokenizer()
+    short = Domain("short", [rec("q", "a") for _ in range(10)])
+    long = Domain("long", [rec("x" * 200, "y" * 50) for _ in range(8)] + [rec("q", "a") for _ in range(2)])
+    with caplog.at_level("WARNING", logger="mixtrain"):
+        enc = encode_domains([short, long], tok, max_length=64)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1, msgs
+    assert "'long'" in msgs[0] and "8 of 10 rows reach max_length=64" in msgs[0] and "8 have no trained token" in msgs[0]
+    assert enc[1].size == 10  # a warning, not a filter: the rows stay

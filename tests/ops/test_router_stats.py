@@ -205,7 +205,7 @@ def test_cxx_baseline_isa_build():
 
     env = {**os.environ, "MIXKERNELS_NO_AVX2": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "(cxx or property) and not baseline_isa"], env=env, capture_output=True, text=True,
+                        "-k", "(cxx or property) and not baseline_isa"], env=env, capture_output=True, text=True, check=False,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

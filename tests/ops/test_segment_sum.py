@@ -174,7 +174,7 @@ def test_masked_out_of_range_ids_are_ignored():
     ids = torch.tensor([0, 9, 1])
     mask = torch.tensor([True, False, True])
     for backend in BACKENDS:
-        sums, counts = run(backend, torch.ones(3), ids, 2, mask=mask)
+        _, counts = run(backend, torch.ones(3), ids, 2, mask=mask)
         assert counts.tolist() == [1, 1]
 
 

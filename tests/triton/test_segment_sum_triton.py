@@ -39,9 +39,9 @@ def test_gradient():
 
 
 def test_bad_id_message():
-    with pytest.raises(ValueError, match=r"segment_ids\[1\] = 5 is out of range \[0, 5\)"):
-        with mixkernels.backend("triton"):
-            mixkernels.segment_sum(torch.randn(3), torch.tensor([0, 5, 1]), 5)
+    with (pytest.raises(ValueError, match=r"segment_ids\[1\] = 5 is out of range \[0, 5\)"),
+          mixkernels.backend("triton")):
+        mixkernels.segment_sum(torch.randn(3), torch.tensor([0, 5, 1]), 5)
 
 
 def test_opcheck():
