@@ -1,6 +1,10 @@
-"""Helpers shared by the op modules: argument checks with messages that name the argument."""
+"""Helpers shared by the op modules: argument checks with messages that name the argument, and
+the registration of an op that has a separate backward op."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,3 +50,43 @@ def check_ids_in_range(op: str, name: str, ids: torch.Tensor, upper: int, mask: 
         index = list(torch.unravel_index(torch.tensor(position), ids.shape)) if ids.dim() > 1 else [position]
         where = ", ".join(str(int(i)) for i in index)
         raise ValueError(f"mixkernels.{op}: {name}[{where}] = {value} is out of range [0, {upper})")
+
+
+def register_with_backward(
+    lib: torch.library.Library,
+    op: str,
+    *,
+    reference: Callable[..., Any],
+    reference_backward: Callable[..., Any],
+    triton: Callable[[], tuple[Callable[..., Any], Callable[..., Any]]],
+    fake: Callable[..., Any],
+    fake_backward: Callable[..., Any],
+    make_backward: Callable[[Any], Callable[..., Any]],
+    setup_context: Callable[..., Any],
+) -> None:
+    """Register ``op`` / ``op_backward`` (C++ kernels, or the reference when ``_C`` lacks them) and
+    ``op_triton`` / ``op_backward_triton`` (``triton()`` imports the kernel module lazily and returns
+    its forward and backward): fake kernels for all four, autograd for the two forwards."""
+    from .. import _extension
+
+    def triton_forward(*args):
+        return triton()[0](*args)
+
+    def triton_backward(*args):
+        return triton()[1](*args)
+
+    for dev in ("CPU", "CUDA"):
+        lib.impl(f"{op}_triton", triton_forward, dev)
+        lib.impl(f"{op}_backward_triton", triton_backward, dev)
+    if not _extension.has_kernel(f"mixkernels::{op}", "CPU"):
+        # Without _C the cxx ops still exist and compute, through the reference.
+        for dev in ("CPU", "CUDA"):
+            lib.impl(op, reference, dev)
+            lib.impl(f"{op}_backward", reference_backward, dev)
+    ops = torch.ops.mixkernels
+    for name, backward in ((op, getattr(ops, f"{op}_backward")), (f"{op}_triton", getattr(ops, f"{op}_backward_triton"))):
+        torch.library.register_fake(f"mixkernels::{name}", fake, lib=lib)
+        torch.library.register_autograd(f"mixkernels::{name}", make_backward(backward), setup_context=setup_context,
+                                        lib=lib)
+    for name in (f"{op}_backward", f"{op}_backward_triton"):
+        torch.library.register_fake(f"mixkernels::{name}", fake_backward, lib=lib)

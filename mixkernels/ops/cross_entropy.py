@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _extension
+from .. import _backend
 from .._library import lib
 from ..reference import linear_ce as _reference
-from ._common import FLOAT_DTYPES, check_dtype, check_tensor
+from ._common import FLOAT_DTYPES, check_dtype, check_tensor, register_with_backward
 from .linear_ce import CrossEntropyOutput, _grad_token, prepare_common
 
 OP = "cross_entropy"
@@ -116,31 +116,15 @@ def _fake_backward(logits, labels, lse, grad_token, ignore_index, label_smoothin
     return logits.new_empty(logits.shape)
 
 
-def _triton_forward(*args):
+def _triton_kernels():
     from ..triton import linear_ce as kernels
 
-    return kernels.cross_entropy(*args)
+    return kernels.cross_entropy, kernels.cross_entropy_backward
 
 
-def _triton_backward(*args):
-    from ..triton import linear_ce as kernels
-
-    return kernels.cross_entropy_backward(*args)
-
-
-for _dev in ("CPU", "CUDA"):
-    lib.impl(f"{OP}_triton", _triton_forward, _dev)
-    lib.impl(f"{OP}_backward_triton", _triton_backward, _dev)
-if not _extension.has_kernel(f"mixkernels::{OP}", "CPU"):
-    for _dev in ("CPU", "CUDA"):
-        lib.impl(OP, _reference.cross_entropy, _dev)
-        lib.impl(f"{OP}_backward", _reference.cross_entropy_backward, _dev)
-for _name, _bwd in ((OP, torch.ops.mixkernels.cross_entropy_backward),
-                    (f"{OP}_triton", torch.ops.mixkernels.cross_entropy_backward_triton)):
-    torch.library.register_fake(f"mixkernels::{_name}", _fake, lib=lib)
-    torch.library.register_autograd(f"mixkernels::{_name}", _make_backward(_bwd), setup_context=_setup_context, lib=lib)
-for _name in (f"{OP}_backward", f"{OP}_backward_triton"):
-    torch.library.register_fake(f"mixkernels::{_name}", _fake_backward, lib=lib)
+register_with_backward(lib, OP, reference=_reference.cross_entropy, reference_backward=_reference.cross_entropy_backward,
+                       triton=_triton_kernels, fake=_fake, fake_backward=_fake_backward,
+                       make_backward=_make_backward, setup_context=_setup_context)
 _backend.refresh_availability(OP)
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _backend, _extension
+from .. import _backend
 from .._library import lib
 from ..reference import linear_ce as _reference
 from ._common import (
@@ -48,6 +48,7 @@ from ._common import (
     check_ids_in_range,
     check_same_device,
     check_tensor,
+    register_with_backward,
 )
 
 OP = "linear_ce"
@@ -342,33 +343,15 @@ def _fake_backward(hidden, weight, labels, bias, lse, grad_token, ignore_index, 
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
 
-def _triton_forward(*args):
+def _triton_kernels():
     from ..triton import linear_ce as kernels
 
-    return kernels.linear_ce(*args)
+    return kernels.linear_ce, kernels.linear_ce_backward
 
 
-def _triton_backward(*args):
-    from ..triton import linear_ce as kernels
-
-    return kernels.linear_ce_backward(*args)
-
-
-for _dev in ("CPU", "CUDA"):
-    lib.impl(f"{OP}_triton", _triton_forward, _dev)
-    lib.impl(f"{OP}_backward_triton", _triton_backward, _dev)
-if not _extension.has_kernel(f"mixkernels::{OP}", "CPU"):
-    # Without _C the cxx ops still exist and compute, through the reference.
-    for _dev in ("CPU", "CUDA"):
-        lib.impl(OP, _reference.linear_ce, _dev)
-        lib.impl(f"{OP}_backward", _reference.linear_ce_backward, _dev)
-for _name, _bwd in ((OP, torch.ops.mixkernels.linear_ce_backward), (f"{OP}_triton", torch.ops.mixkernels.linear_ce_backward_triton)):
-    torch.library.register_fake(f"mixkernels::{_name}", _fake, lib=lib)
-    torch.library.register_autograd(
-        f"mixkernels::{_name}", _make_backward(_bwd), setup_context=_setup_context, lib=lib
-    )
-for _name in (f"{OP}_backward", f"{OP}_backward_triton"):
-    torch.library.register_fake(f"mixkernels::{_name}", _fake_backward, lib=lib)
+register_with_backward(lib, OP, reference=_reference.linear_ce, reference_backward=_reference.linear_ce_backward,
+                       triton=_triton_kernels, fake=_fake, fake_backward=_fake_backward,
+                       make_backward=_make_backward, setup_context=_setup_context)
 _backend.refresh_availability(OP)
 
 
