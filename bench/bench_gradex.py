@@ -116,7 +116,8 @@ def released_pass(model, ex: Examples, d: int, batch: int = 8) -> torch.Tensor:
     params = [mods[n].weight for n in gradex_modules(model)]
     D = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(0)
-    P = (torch.randint(0, 2, (D, d), generator=gen).float() * 2 - 1) / d ** 0.5  # stored dense matrix
+    # stored dense matrix, float64 as the released code's np.random matrix
+    P = (torch.randint(0, 2, (D, d), generator=gen).double() * 2 - 1) / d ** 0.5
     out = []
     for s in range(0, len(ex.rows), batch):
         b = collate_rows(ex.rows[s:s + batch], 0)
@@ -125,7 +126,7 @@ def released_pass(model, ex: Examples, d: int, batch: int = 8) -> torch.Tensor:
                                       b["labels"])
             for i in range(f.shape[0]):
                 gs = torch.autograd.grad(f[i], params, retain_graph=True)
-                out.append(torch.cat([x.reshape(-1) for x in gs]) @ P)
+                out.append(torch.cat([x.reshape(-1) for x in gs]).double() @ P)
     return torch.stack(out)
 
 
