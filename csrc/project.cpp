@@ -21,7 +21,7 @@
 #include <vector>
 
 // Clones are selected by CPU features. (Not "arch=haswell": that one is chosen by CPU *model*, so
-// an AMD CPU with AVX-512 silently ran the SSE2 default clone, 10x slower.) avx512f implies avx2+fma.
+// an AMD CPU with AVX-512 silently ran the SSE2 default clone, 13x slower.) avx512f implies avx2+fma.
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define MK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -57,7 +57,7 @@ constexpr int64_t kRowsPerChunk = 8192;
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of per-chunk partial sums
 
-// Eight float32 lanes (GCC/Clang vector extension: one AVX register in the haswell clone, two SSE
+// Eight float32 lanes (GCC/Clang vector extension: one AVX register in the avx2/avx512f clones, two SSE
 // registers in the default one). Loads and stores go through memcpy, so no alignment is assumed.
 // The helpers below are always inlined into the clones, so the -Wpsabi note about passing a 256-bit
 // vector without AVX does not apply.

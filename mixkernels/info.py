@@ -30,6 +30,15 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _cpu_isa() -> str:
+    """Which build of the dispatching C++ CPU kernels runs here (``MIXKERNELS_NO_AVX2`` forces baseline)."""
+    if not _extension.LOADED:
+        return "n/a (_C not loaded)"
+    from . import _C
+
+    return _C.cpu_isa() if hasattr(_C, "cpu_isa") else "unknown"
+
+
 def describe() -> str:
     lines = [
         f"python        {sys.version.split()[0]}",
@@ -41,6 +50,7 @@ def describe() -> str:
         f"transformers  {_version('transformers')}",
         f"build info    {_extension.read_build_info()}",
         f"_C loaded     {_extension.LOADED}" + ("" if _extension.LOADED else f"  ({_extension.REASON})"),
+        f"CPU kernels   {_cpu_isa()}",
         "",
         f"{'op':<24} {'device':<6} {'auto':<10} available backends (reason when not)",
     ]
