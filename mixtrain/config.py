@@ -411,7 +411,7 @@ def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
         "model": {"config": dict(TINY_LLAMA), "tokenizer": "byte"},
         "data": {
             "builtin": ["code", "docs", "math", "lego", "addition"],
-            "max_length": 256,
+            "max_length": 448,  # the longest built-in code record (407 tokens) fits whole
             "builtin_size": {"code": 600, "docs": 400, "math": 300, "lego": 120, "addition": 160},
             "dev_fraction": 0.05,
         },
