@@ -39,8 +39,12 @@ test-triton: setup
 demo: setup
 	$(PY) -m mixtrain demo
 
+# Every benchmark (about 15 minutes on 2 idle cores); each prints its table and appends to
+# bench/results/<name>.csv. traker (the `bench` extra) is the TRAK baseline of bench_grad_proj.
+BENCHES := segment_sum linear_ce router_stats grad_proj gradex loop
 bench: setup
-	$(PY) bench/bench_segment_sum.py
+	$(PIP) install -q traker || echo "traker not installed: bench_grad_proj skips its TRAK row"
+	for b in $(BENCHES); do PYTHONPATH=. $(PY) bench/bench_$$b.py || exit 1; done
 
 lint: setup
 	$(PY) -m ruff check mixkernels mixtrain tests bench
