@@ -18,9 +18,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
@@ -88,11 +90,24 @@ at::Tensor router_aux_loss(const at::Tensor& counts, const at::Tensor& prob_sum,
   return (frac_tokens * frac_probs).sum(-1) * static_cast<double>(e);
 }
 
+namespace {
+// An environment flag as mixkernels/env.py reads them: "1", "true", "yes" or "on" (any case).
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return false;
+  std::string s(v);
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.erase(s.begin());
+  return s == "1" || s == "true" || s == "yes" || s == "on";
+}
+}  // namespace
+
 bool router_stats_use_avx2() {
 #if MK_X86_DISPATCH
   // MIXKERNELS_NO_AVX2=1 forces the baseline build (how the tests cover it on an AVX2 machine)
-  static const bool use = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("MIXKERNELS_NO_AVX2") == nullptr;
+  static const bool use =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !env_flag("MIXKERNELS_NO_AVX2");
   return use;
 #else
   return false;

@@ -9,7 +9,7 @@ MIXKERNELS_BACKEND      default backend for every op: ``auto`` (default), ``refe
                         or ``triton`` (see :func:`mixkernels.backend`).
 MIXKERNELS_DISABLE_EXT  ``1`` skips loading the compiled extension ``mixkernels._C`` (the
                         reference fallbacks then serve every op).
-MIXKERNELS_NO_AVX2      ``1`` (any value) makes the router_stats CPU kernels run their baseline x86-64
+MIXKERNELS_NO_AVX2      ``1`` makes the router_stats CPU kernels run their baseline x86-64
                         build instead of the AVX2+FMA one (read once, at the first call;
                         ``mixkernels._C.cpu_isa()`` reports which). For testing the fallback path.
 MIXKERNELS_BUILD_CUDA   build time: ``0`` skips the CUDA sources even when torch is a CUDA build
@@ -40,6 +40,11 @@ def default_backend() -> str:
             f"MIXKERNELS_BACKEND={value!r} is not a backend; expected one of {', '.join(_BACKENDS)}"
         )
     return value
+
+
+def no_avx2() -> bool:
+    """``MIXKERNELS_NO_AVX2``: the router_stats CPU kernels run their baseline build (read by C++)."""
+    return _flag("MIXKERNELS_NO_AVX2")
 
 
 def disable_extension() -> bool:

@@ -212,15 +212,13 @@ def test_cxx_baseline_isa_build():
 
 
 def test_cxx_isa_reported():
-    from mixkernels import _extension
+    from mixkernels import _extension, env
 
     if not _extension.LOADED:
         pytest.skip("C++ extension not loaded")
-    import os
-
     from mixkernels import _C
 
-    expected = {"baseline"} if os.environ.get("MIXKERNELS_NO_AVX2") else {"avx2", "baseline"}
+    expected = {"baseline"} if env.no_avx2() else {"avx2", "baseline"}
     assert _C.cpu_isa() in expected
 
 
