@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"output: {summary['output_dir']} (metrics.jsonl, report.png, schedule.json)")
+            files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
+            print(f"output: {summary['output_dir']} ({files})")
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -124,7 +124,9 @@ class TrainConfig:
     world_size``. ``warmup`` is a step count (int) or a fraction of ``steps`` (float < 1).
     ``resume`` is ``auto`` (latest complete checkpoint in ``output_dir/checkpoints``), ``none``,
     or a checkpoint directory. ``eval_every`` 0 disables dev evaluation (unless the policy needs
-    it). ``save_every`` 0 saves only at the end.
+    it). ``save_every`` 0 saves only at the end. ``save_model`` writes the final model as a
+    Hugging Face directory ``output_dir/model`` (merged LoRA; the adapter alone in
+    ``output_dir/adapter``), see :mod:`mixtrain.export`.
     """
 
     steps: int = 100
@@ -143,6 +145,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0
     keep_checkpoints: int = 2
+    save_model: bool = True
     resume: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -444,7 +447,7 @@ def config_fingerprint(cfg: Config) -> str:
     d.pop("eval", None)  # issue 9: evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
-              "threads", "keep_checkpoints", "eval_every", "micro_batch_size", "grad_accum"):
+              "threads", "keep_checkpoints", "save_model", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -453,6 +453,11 @@ def train(cfg: Config) -> dict[str, Any]:
     if collector is not None:
         collector.remove()
     metrics.close()
+    model_dir = None
+    if t.save_model and step > 0:
+        from .export import export_model
+
+        model_dir = export_model(model, tok, out, rank=info.rank, zero_stage=t.zero_stage)
 
     # ---- outputs ------------------------------------------------------------------------------
     if info.is_main:
@@ -469,4 +474,4 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.barrier()
     return {"step": step, "tokens": tokens, "input_tokens": input_tokens, "weights": sampler.weights.tolist(),
             "fractions": sampler.fractions(), "dev_loss": None if last_dev is None else last_dev.tolist(),
-            "output_dir": str(out)}
+            "output_dir": str(out), "model_dir": None if model_dir is None else str(model_dir)}

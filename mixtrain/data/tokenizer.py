@@ -14,10 +14,13 @@ Labels are ``-100`` on everything except assistant turns (and their end-of-turn 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
+    "BYTE_TOKENIZER_FILE",
     "IGNORE_INDEX",
     "ByteTokenizer",
     "HFTokenizer",
@@ -119,9 +122,23 @@ class HFTokenizer:
         return [int(x) for x in out]
 
 
+BYTE_TOKENIZER_FILE = "mixtrain_tokenizer.json"  # written by mixtrain.export next to a byte-tokenizer model
+
+
 def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
-    """``"byte"``/``None`` → :class:`ByteTokenizer`; otherwise a local HF tokenizer path."""
+    """``"byte"``/``None`` → :class:`ByteTokenizer`; a directory holding ``mixtrain_tokenizer.json``
+    (a model exported by a byte-tokenizer run) → :class:`ByteTokenizer`; otherwise a local HF
+    tokenizer path."""
     if spec is None or spec == "byte":
+        return ByteTokenizer()
+    marker = Path(spec) / BYTE_TOKENIZER_FILE
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text()).get("type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"model.tokenizer: {marker} is not a valid mixtrain tokenizer file: {e}") from None
+        if kind != "byte":
+            raise ValueError(f"model.tokenizer: {marker} names tokenizer type {kind!r}; expected 'byte'")
         return ByteTokenizer()
     return HFTokenizer(spec)
 

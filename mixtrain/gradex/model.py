@@ -1,12 +1,12 @@
 """θ*: building the model, loading a mixtrain checkpoint, the trainable modules GradEx uses, and
 running the real mixtrain loop from θ*.
 
-Two workarounds live here (both reported upstream):
+Two choices live here:
 
-* ``mixkernels.hf.causal_lm_loss`` resolves ``peft_model.model`` (PEFT forwards attribute access
-  to the wrapped ``*ForCausalLM``) as the decoder, so the core loop cannot train a PEFT-wrapped
-  model. PEFT injects its LoRA layers *into* the base model, so training the unwrapped
-  ``get_base_model()`` is the same computation; :func:`run_loop` does that.
+* GradEx trains and differentiates the unwrapped ``get_base_model()`` of a PEFT model. PEFT
+  injects its LoRA layers *into* the base model, so this is the same computation, and every
+  weight is keyed as in the plain ``*ForCausalLM`` (``model.layers.0...lora_A.default.weight``)
+  in θ*, the gradient store and the subset fits; :func:`run_loop` does that.
 * the core loop has no "initialise from these weights" option (``train.resume`` restores the
   optimizer and sampler too, and refuses another config); :func:`run_loop` wraps the loop's
   ``build_model`` to load θ* after the model is built.
@@ -67,7 +67,7 @@ def checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ConfigError(f"gradex: {ckpt} has no ds/mp_rank_*_model_states.pt (ZeRO-3 checkpoints need "
                           "DeepSpeed's zero_to_fp32 first)")
-    blob = torch.load(files[0], map_location="cpu", weights_only=False)
+    blob = torch.load(files[0], map_location="cpu", weights_only=True)  # untrusted file: tensors and plain containers only
     module = blob.get("module") or {}
     out = {}
     for k, v in module.items():

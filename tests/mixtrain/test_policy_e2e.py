@@ -125,7 +125,7 @@ def test_dynamic_moe_froze_only_routers(runs):
     model = build_model(from_dict(_cfg("dynamic_moe", runs["dynamic_moe"], 6)), 259)
     ckpt = max((runs["dynamic_moe"] / "checkpoints").glob("step-*")) / "ds"
     files = list(ckpt.glob("*model_states.pt"))
-    sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     init = dict(model.named_parameters())
     assert torch.equal(sd["model.model.layers.1.mlp.gate.weight"], init["model.layers.1.mlp.gate.weight"])
     assert not torch.equal(sd["model.model.layers.1.mlp.experts.gate_up_proj"],

@@ -1,0 +1,113 @@
+"""The trained model as a plain Hugging Face directory, written once at the end of a run.
+
+``output_dir/model/`` holds ``config.json`` + ``model.safetensors`` (``save_pretrained``, so
+``AutoModelForCausalLM.from_pretrained(dir)`` or ``model.name_or_path: dir`` loads it) and the
+tokenizer: an HF tokenizer's own files, or ``mixtrain_tokenizer.json`` naming the built-in byte
+tokenizer (``mixtrain.data.load_tokenizer(dir)`` understands both). With LoRA the weights there
+are merged (``W + ΔW`` of every active adapter), and ``output_dir/adapter/`` holds the PEFT
+adapter alone (``PeftModel.from_pretrained(base, dir)``).
+
+Every rank calls :func:`export_model`; under ZeRO-3 the parameters are gathered (read-only) for
+the duration of the save. The model is never modified. Each directory is written under a
+temporary name and renamed into place, so a crash leaves the previous export or none, never half
+of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .data.tokenizer import BYTE_TOKENIZER_FILE
+
+__all__ = ["export_model", "merged_state_dict"]
+
+_LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("peft") and hasattr(model, "get_base_model")
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copy of the weights of ``model`` as the plain transformers model would name them.
+
+    For a PEFT LoRA model, every LoRA layer's weight is ``base_layer.weight`` plus the
+    ``get_delta_weight`` of each active adapter (PEFT's own merge arithmetic, fan-in/fan-out and
+    scaling included), and the adapter tensors are dropped; the model itself is untouched.
+    """
+    base = model.get_base_model() if _is_peft(model) else model
+    out: dict[str, torch.Tensor] = {}
+    for k, v in base.state_dict().items():
+        if any(p in k for p in _LORA_PARTS):
+            continue
+        out[k.replace(".base_layer.", ".")] = v.detach().to("cpu", copy=True)
+    if base is model:
+        return out
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if not (hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight")):
+                continue
+            w = mod.base_layer.weight.detach().clone()
+            for adapter in getattr(mod, "active_adapters", []):
+                if adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "lora_embedding_A", {}):
+                    w += mod.get_delta_weight(adapter).to(w.dtype)
+            out[f"{name}.weight"] = w.cpu()
+    return out
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing an older ``final`` (never left half-written)."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_tokenizer(tokenizer: Any, path: Path) -> None:
+    inner = getattr(tokenizer, "tok", None)  # mixtrain.data.tokenizer.HFTokenizer
+    if inner is not None and hasattr(inner, "save_pretrained"):
+        inner.save_pretrained(str(path))
+    else:
+        (path / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": getattr(tokenizer, "name", "byte")}) + "\n")
+
+
+def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, rank: int,
+                 zero_stage: int = 0) -> Path | None:
+    """Write ``out/model`` (and ``out/adapter`` for PEFT) from rank 0; collective under ZeRO-3.
+
+    Returns the model directory on rank 0, ``None`` elsewhere.
+    """
+    out = Path(out)
+    gather: Any = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    result = None
+    with gather:
+        if rank == 0:
+            base = model.get_base_model() if _is_peft(model) else model
+            tmp = out / ".tmp-model"
+            shutil.rmtree(tmp, ignore_errors=True)
+            base.save_pretrained(str(tmp), state_dict=merged_state_dict(model), safe_serialization=True)
+            _save_tokenizer(tokenizer, tmp)
+            _replace_dir(tmp, out / "model")
+            if base is not model:
+                tmp = out / ".tmp-adapter"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                _replace_dir(tmp, out / "adapter")
+            result = out / "model"
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return result
