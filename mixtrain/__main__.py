@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
     # ---- end issue 9 ----------------------------------------------------------------------
     args, extra = parser.parse_known_args(argv)
+    # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
+    local = [a for a in extra if a.startswith("--local_rank=") or a.startswith("--local-rank=")]
+    for a in local:
+        os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+    extra = [a for a in extra if a not in local]
     if extra:  # issue 9: `compare` accepts section.key=value overrides after its options too
         if args.cmd != "compare" or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

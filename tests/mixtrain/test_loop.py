@@ -190,6 +190,22 @@ def test_two_ranks_torchrun_zero(reference, tmp_path, stage):
         assert exported[d] == pytest.approx(got[7]["dev_loss"][d], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_deepspeed_launcher_two_ranks(reference, tmp_path):
+    """The `deepspeed` launcher (which appends --local_rank=N to the command) runs the same job."""
+    _, _, ref_run = reference
+    cfg = _config(tmp_path, "dsl", micro_batch_size=2, zero_stage=2, save_every=0, steps=3, eval_every=0)
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+           "--module", "mixtrain", "train", str(cfg)]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 rank(s)" in r.stdout + r.stderr
+    got, want = _metrics(tmp_path / "dsl"), _metrics(ref_run)[:3]
+    assert [g["samples"] for g in got] == [w["samples"] for w in want]
+    for g, w in zip(got, want):
+        assert g["tokens"] == w["tokens"] and g["loss"] == pytest.approx(w["loss"], rel=2e-4)
+
+
 def test_all_signals_and_policy_context(tmp_path):
     """A policy requesting every signal gets consistent values, and the context helpers agree with
     an independent transformers forward (losses and last hidden states)."""
