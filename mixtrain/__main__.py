@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- end issue 9 ----------------------------------------------------------------------
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
-    local = [a for a in extra if a.startswith("--local_rank=") or a.startswith("--local-rank=")]
+    local = [a for a in extra if a.startswith(("--local_rank=", "--local-rank="))]
     for a in local:
         os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
     extra = [a for a in extra if a not in local]

@@ -82,7 +82,9 @@ class DataConfig:
         dev_fraction: held-out fraction per domain when no dev path is given (deterministic).
         max_length: truncate tokenised examples to this many tokens.
         train_on_prompt: also train on prompt tokens (default: response tokens only).
-        packing: concatenate examples of the same domain into ``max_length`` rows.
+        packing: varlen packing: concatenate examples of the same domain into ``max_length`` rows
+            with per-example position ids and block-diagonal attention (see
+            :mod:`mixtrain.data.collate`).
         builtin_size: examples per generated built-in (sub-)domain; an int, or a mapping
             ``{name: n}`` where ``name`` is a domain, a skill family (``lego``) or ``"*"``.
         builtin_seed: seed of the built-in corpus generator.

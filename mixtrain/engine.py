@@ -183,7 +183,8 @@ class LossModel(torch.nn.Module):
     """The module DeepSpeed wraps: HF model + fused per-domain loss.
 
     ``forward(input_ids, attention_mask, labels, domain_ids)`` returns a dict with ``loss``,
-    ``group_loss`` [D], ``group_count`` [D] and optionally ``token_loss`` / ``hidden``.
+    ``group_loss`` [D], ``group_count`` [D] and optionally ``token_loss`` / ``hidden``. Packed
+    batches also pass ``position_ids`` (attention then stays within each example).
     Wrapping (instead of calling the engine on the HF model) keeps every parameter access inside
     a module forward, which ZeRO-3 needs to gather the LM head for the fused loss.
     """
@@ -211,13 +212,16 @@ class LossModel(torch.nn.Module):
             self._hidden = h.detach() if h is not None else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                domain_ids: torch.Tensor, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
+                domain_ids: torch.Tensor, loss_scale: float | None = None,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``loss_scale`` given: ``loss = loss_scale * sum of token losses`` (the loop passes
         ``grad_accum * world / global label tokens`` so gradients are those of the global
         token-mean, whatever the split over ranks and micro-steps); else the batch mean."""
         from .signals import causal_lm_loss
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain_ids": domain_ids}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         self._hidden = None
         out = causal_lm_loss(self.model, batch, self.num_domains, return_token_loss=self.return_token_loss,
                              reduction="mean" if loss_scale is None else "sum")

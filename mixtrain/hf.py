@@ -15,6 +15,12 @@ forward hook), ``dev_domain_loss`` (a no-grad pass over the dev rows); other sig
 available in the mixtrain loop. New weights apply from the next global batch the dataset draws
 (the Trainer's data loader may already have prefetched one batch; use
 ``dataloader_num_workers=0`` so updates reach the dataset at all).
+
+``MixtureDataset(..., packing=True)`` (or packed ``EncodedDomain`` s) packs examples per domain
+(see :mod:`mixtrain.data.collate`): items then carry ``position_ids`` and the collator turns them
+into the model inputs that keep attention within each example
+(:func:`~mixtrain.data.collate.packed_attention_inputs`, for the model the callback got at
+``on_train_begin``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from .data import EncodedDomain, collate
-from .data.collate import encode_domains
+from .data.collate import encode_domains, packed_attention_inputs
 from .data.sources import Domain
 from .policies import MixingPolicy, PolicyContext
 from .sampler import MixtureSampler, validate_weights
@@ -45,20 +51,24 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         tokenizer: a mixtrain tokenizer (``load_tokenizer("byte")`` or a local HF path).
         global_batch_size: samples per optimizer step over all ranks.
         weights: initial weights (uniform when ``None``; the callback replaces them).
+        packing: pack the raw ``domains``' training examples (ignored for encoded domains, which
+            are used as they are).
         Remaining arguments as in :class:`~mixtrain.sampler.MixtureSampler` / ``encode_domains``.
 
-    Yields dicts with ``input_ids``, ``labels`` (lists) and ``domain_id`` (int).
+    Yields dicts with ``input_ids``, ``labels`` (lists) and ``domain_id`` (int), plus
+    ``position_ids`` (list) for packed domains.
     """
 
     def __init__(self, domains: Sequence[Domain | EncodedDomain], tokenizer: Any, *, global_batch_size: int,
                  seed: int = 0, weights: Any = None, max_length: int = 128, train_on_prompt: bool = False,
-                 with_replacement: bool = False, exhaustion: str | Sequence[str] = "cycle", max_epochs: int = 1) -> None:
+                 with_replacement: bool = False, exhaustion: str | Sequence[str] = "cycle", max_epochs: int = 1,
+                 packing: bool = False) -> None:
         super().__init__()
         if all(isinstance(d, EncodedDomain) for d in domains):
             self.domains = list(domains)  # type: ignore[arg-type]
         else:
             self.domains = encode_domains(list(domains), tokenizer, max_length=max_length,  # type: ignore[arg-type]
-                                          train_on_prompt=train_on_prompt)
+                                          train_on_prompt=train_on_prompt, packing=packing)
         self.tokenizer = tokenizer
         self.names = [d.name for d in self.domains]
         sizes = [d.size for d in self.domains]
@@ -75,7 +85,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
                 return
             for d, e in zip(gb.domains.tolist(), gb.examples.tolist()):
                 ids, labels = self.domains[d].train[e]
-                yield {"input_ids": ids, "labels": labels, "domain_id": d}
+                item: dict[str, Any] = {"input_ids": ids, "labels": labels, "domain_id": d}
+                if self.domains[d].train_positions is not None:
+                    item["position_ids"] = self.domains[d].train_positions[e]
+                yield item
 
 
 class MixtureCallback(TrainerCallback):
@@ -106,18 +119,35 @@ class MixtureCallback(TrainerCallback):
         self._count = np.zeros(self.d, dtype=np.int64)
         self._samples = np.zeros(self.d, dtype=np.int64)
         self._hook: Any = None
+        self._model: torch.nn.Module | None = None
         self.history: list[list[Any]] = []
 
     def collator(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad a list of dataset items into a model batch (``domain_ids`` are kept aside)."""
+        """Pad a list of dataset items into a model batch (``domain_ids`` are kept aside).
+
+        Packed items (with ``position_ids``) get the model's packed attention inputs in place of
+        the 2D ``attention_mask``; that needs the model, known from ``on_train_begin``.
+        """
         if features and "domain_id" not in features[0]:
             raise ValueError(
                 "MixtureCallback.collator: items lack 'domain_id'; the Trainer removed it: set "
                 "TrainingArguments(remove_unused_columns=False)"
             )
-        b = collate([(f["input_ids"], f["labels"]) for f in features], [f["domain_id"] for f in features],
-                    self.dataset.tokenizer.pad_token_id)
+        packed = any("position_ids" in f for f in features)
+        if packed and self._model is None:
+            raise ValueError(
+                "MixtureCallback.collator: packed items (with 'position_ids') need the model's attention "
+                "implementation, known only after on_train_begin (the Trainer calls it before the first batch)"
+            )
+        b: dict[str, Any] = collate(
+            [(f["input_ids"], f["labels"]) for f in features], [f["domain_id"] for f in features],
+            self.dataset.tokenizer.pad_token_id,
+            # an unpacked item among packed ones (mixed encoded domains) is one example
+            position_ids=[f.get("position_ids", range(len(f["input_ids"]))) for f in features] if packed else None,
+        )
         self._pending.append((b.pop("domain_ids"), b["labels"]))
+        if packed:
+            b.update(packed_attention_inputs(self._model, b["attention_mask"], b.pop("position_ids")))
         return b
 
     def _capture(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -146,6 +176,7 @@ class MixtureCallback(TrainerCallback):
         w = validate_weights(self.policy.initial_weights(dict(zip(ds.names, ds.sampler.sizes))), self.d, ds.names)
         ds.sampler.set_weights(w)
         self.history = [[0, w.tolist()]]
+        self._model = model
         if model is not None and "train_domain_loss" in self.policy.required_signals:
             self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
 

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_fingerprint
-from .data import collate, encode_domains, load_domains, load_tokenizer
+from .data import collate_examples, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
 from .policies import PolicyContext
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
@@ -227,8 +227,8 @@ def train(cfg: Config) -> dict[str, Any]:
         return {k: v.to(device) for k, v in b.items()}
 
     def make_batch(rows: list[tuple[int, int]], split: str = "train") -> dict[str, torch.Tensor]:
-        data = [getattr(enc[d], split)[e] for d, e in rows]
-        return to_dev(collate(data, [d for d, _ in rows], tok.pad_token_id))
+        # packed train rows carry position ids (attention within each example); dev is never packed
+        return to_dev(collate_examples(enc, rows, tok.pad_token_id, split))
 
     def eval_loss(batch: dict[str, torch.Tensor]) -> LossOutput:
         res = engine(**batch)

@@ -56,14 +56,23 @@ def causal_lm_loss(
     per-domain sums (HF label shift).
 
     Uses ``mixkernels.hf.causal_lm_loss`` (fused, logits never materialised) with per-row
-    ``group_ids`` = ``batch["domain_ids"]``.
+    ``group_ids`` = ``batch["domain_ids"]``. A packed batch (``batch["position_ids"]`` present,
+    see :func:`mixtrain.data.collate.collate`) attends within each example only: the model gets
+    :func:`mixtrain.data.collate.packed_attention_inputs` instead of the 2D mask.
     """
     import mixkernels.hf as mkhf
 
     ids, mask, labels, groups = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["domain_ids"]
+    model_kw: dict[str, Any] = {"attention_mask": mask}
+    if batch.get("position_ids") is not None:
+        from .data.collate import packed_attention_inputs
+
+        model_kw = packed_attention_inputs(model, mask, batch["position_ids"])
+    # labels are given, so mixkernels uses attention_mask only for the model; the rest of
+    # model_kw (position_ids, flash varlen boundaries) goes to the base model via **kw
     out = mkhf.causal_lm_loss(
-        model, ids, attention_mask=mask, labels=labels, group_ids=groups,
-        num_groups=num_groups, reduction=reduction, return_token_loss=return_token_loss,
+        model, ids, labels=labels, group_ids=groups,
+        num_groups=num_groups, reduction=reduction, return_token_loss=return_token_loss, **model_kw,
     )
     tl = out.token_loss if return_token_loss else None
     if tl is not None and tl.shape[-1] == ids.shape[-1]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .data import collate, encode_domains, load_domains, load_tokenizer
+from .data import collate_examples, encode_domains, load_domains, load_tokenizer
 from .engine import build_model
 from .sampler import MixtureSampler
 from .signals import causal_lm_loss, dev_losses
@@ -132,7 +132,7 @@ def learn_graph(cfg: Config, *, steps: int = 10, mode: str = "binary", out: str 
     mbs, ga = t.micro_batch_size, t.grad_accum
 
     def make_batch(rows: list[tuple[int, int]], split: str = "train") -> dict[str, torch.Tensor]:
-        return collate([getattr(enc[di], split)[ei] for di, ei in rows], [di for di, _ in rows], tok.pad_token_id)
+        return collate_examples(enc, rows, tok.pad_token_id, split)
 
     def dev() -> np.ndarray:
         model.eval()

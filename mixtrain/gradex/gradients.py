@@ -76,7 +76,8 @@ def load_task_data(cfg: Config, g: GradexConfig) -> TaskData:
     domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
                            builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
     enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-                         packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
+                         packing=False,  # GradEx's unit is the example: one gradient per example, never a packed row
+                         max_dev_examples=cfg.data.max_dev_examples)
     order = [d.name for d in enc]
     by_name = {d.name: (i, d) for i, d in enumerate(enc)}
     tasks = list(g.tasks) if g.tasks else order

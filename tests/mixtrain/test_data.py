@@ -184,9 +184,19 @@ def test_packing_concatenates_rows_of_a_domain():
     flat_lab = [x for _, lab in packed for x in lab]
     full = [encode_messages(tok, r.as_messages(), max_length=10**6) for r in recs]
     assert flat_ids == [x for ids, _ in full for x in ids]
-    assert flat_lab == [x for _, lab in full for x in lab]
+    # varlen packing: an example's first token is never a target (it would be predicted from the
+    # previous example's last token); all other labels are unchanged
+    assert flat_lab == [x for _, lab in full for x in [-100, *lab[1:]]]
     assert all(len(ids) == 64 for ids, _ in packed[:-1]) and len(packed) == -(-len(flat_ids) // 64)
     assert all(len(ids) <= 64 for ids, _ in rows)
+    # the position ids (encode_domains) restart at every example start and continue across rows
+    from mixtrain.data import encode_domains
+    from mixtrain.data.sources import Domain
+
+    enc = encode_domains([Domain("lego_2", recs)], tok, max_length=64, packing=True)[0]
+    assert enc.train == packed
+    flat_pos = [x for p in enc.train_positions for x in p]
+    assert flat_pos == [i for ids, _ in full for i in range(len(ids))]
 
 
 def test_truncation_warning_names_the_domain(caplog):
