@@ -94,6 +94,23 @@ def test_fields_vs_naive_oracle(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ties_and_zero_probabilities_at_many_experts(backend, dtype):
+    """E = 64, k = 8 (several vector passes): rows of repeated values and of -inf logits, so ties
+    at equal probabilities and at exactly 0 (fewer than k positive experts) go to the lower index."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randint(-3, 1, (2, 300, 64), generator=gen).to(dtype)
+    z[:, ::3] = torch.where(torch.rand(2, 100, 64, generator=gen) < 0.95, float("-inf"), z[:, ::3].double()).to(dtype)
+    z[:, 1::7, 5:] = float("-inf")  # exactly 5 positive experts: 3 of the chosen have p = 0
+    with mixkernels.backend(backend):
+        stats = mixkernels.router_stats(z, 8)
+    p = torch.softmax(z, dim=-1)  # the op's math dtype (fp64 for fp64 logits)
+    chosen = torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :8]
+    want = F.one_hot(chosen, 64).sum((1, 2))
+    torch.testing.assert_close(stats.expert_counts[:, 0], want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_logits_use_fp32_math(backend, dtype):
     z, groups, mask = _inputs(3, 200, 40, 4, dtype=dtype)
