@@ -128,7 +128,10 @@ class TrainConfig:
     or a checkpoint directory. ``eval_every`` 0 disables dev evaluation (unless the policy needs
     it). ``save_every`` 0 saves only at the end. ``save_model`` writes the final model as a
     Hugging Face directory ``output_dir/model`` (merged LoRA; the adapter alone in
-    ``output_dir/adapter``), see :mod:`mixtrain.export`.
+    ``output_dir/adapter``), see :mod:`mixtrain.export`. ``sort_by_length``: within each
+    optimizer step the micro-batches take the global batch's rows longest first, so rows of
+    similar length are padded together (less padding with ``grad_accum`` or world size > 1); the
+    step's rows, its gradient and the per-domain signals are unchanged up to float summation order.
     """
 
     steps: int = 100
@@ -148,6 +151,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     save_model: bool = True
+    sort_by_length: bool = True
     resume: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -449,7 +453,7 @@ def config_fingerprint(cfg: Config) -> str:
     d.pop("eval", None)  # issue 9: evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
-              "threads", "keep_checkpoints", "save_model", "eval_every", "micro_batch_size", "grad_accum"):
+              "threads", "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

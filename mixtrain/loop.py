@@ -368,11 +368,13 @@ def train(cfg: Config) -> dict[str, Any]:
             log.info("stopping at step %d: %s", step, e)
             stopped = True
             break
-        n_global = sum(int(label_counts[d][e]) for d, e in zip(gb.domains.tolist(), gb.examples.tolist()))
+        pairs = list(zip(gb.domains.tolist(), gb.examples.tolist()))
+        n_global = sum(int(label_counts[d][e]) for d, e in pairs)
         # DeepSpeed divides by grad_accum and averages over ranks; this scale undoes both so the
         # gradient is that of the mean over all label tokens of the global batch
         scale = t.grad_accum * info.world_size / max(1, n_global)
-        for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum):
+        lengths = [len(enc[d].train[e][0]) for d, e in pairs] if t.sort_by_length else None
+        for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum, lengths):
             batch = make_batch(rows)
             if collector is not None:
                 collector.reset()  # drop router calls of evals / policy probes since the last step

@@ -109,10 +109,17 @@ class GlobalBatch:
 
 
 def shard(
-    batch: GlobalBatch, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
+    batch: GlobalBatch, rank: int, world_size: int, micro_batch_size: int, grad_accum: int,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[tuple[int, int]]]:
     """Rank ``rank``'s micro-batches of a global batch: micro-step ``m`` takes global positions
-    ``m*mbs*W + rank*mbs + [0, mbs)``. Returns ``grad_accum`` lists of ``(domain, example)``."""
+    ``m*mbs*W + rank*mbs + [0, mbs)``. Returns ``grad_accum`` lists of ``(domain, example)``.
+
+    ``lengths`` (tokens of each row of the global batch, in stream order): the positions are
+    first ordered by length, longest first (stable: ties keep stream order), so each micro-step
+    pads rows of similar length together. The step still trains exactly the rows of the global
+    batch, and micro-step ``m`` holds the same rows for every world size.
+    """
     b = micro_batch_size * grad_accum * world_size
     if len(batch.domains) != b:
         raise ValueError(
@@ -121,10 +128,15 @@ def shard(
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"shard: rank {rank} not in [0, {world_size})")
+    order: Sequence[int] = range(b)
+    if lengths is not None:
+        if len(lengths) != b:
+            raise ValueError(f"shard: lengths has {len(lengths)} entries, the global batch {b} samples")
+        order = sorted(range(b), key=lambda j: -lengths[j])
     out = []
     for m in range(grad_accum):
         base = m * micro_batch_size * world_size + rank * micro_batch_size
-        out.append([(int(batch.domains[j]), int(batch.examples[j])) for j in range(base, base + micro_batch_size)])
+        out.append([(int(batch.domains[j]), int(batch.examples[j])) for j in order[base:base + micro_batch_size]])
     return out
 
 

@@ -39,6 +39,25 @@ def test_stream_identical_for_world_sizes_1_2_4():
     assert len(set(s1)) > 50  # not degenerate
 
 
+def test_shard_by_length_groups_similar_rows_and_keeps_the_step():
+    """With lengths, micro-step m holds a contiguous block of the longest-first order (stable),
+    the same block for every world size; the step's rows are exactly the global batch's."""
+    sp = MixtureSampler(SIZES, [1, 2, 3, 1], global_batch_size=16, seed=5)
+    gb = sp.next_global_batch()
+    rows = [(int(d), int(e)) for d, e in zip(gb.domains, gb.examples)]
+    lengths = [(7 * d + 3 * e) % 11 for d, e in rows]  # many ties
+    order = sorted(range(16), key=lambda j: (-lengths[j], j))  # independent oracle: explicit tie key
+    for world, ga in ((1, 2), (2, 2), (4, 2), (2, 4), (1, 1)):
+        mbs = 16 // (world * ga)
+        per_rank = [shard(gb, r, world, mbs, ga, lengths) for r in range(world)]
+        for m in range(ga):
+            block = [x for r in range(world) for x in per_rank[r][m]]
+            assert block == [rows[j] for j in order[m * mbs * world:(m + 1) * mbs * world]]
+        assert Counter(x for pr in per_rank for mb in pr for x in mb) == Counter(rows)
+    with pytest.raises(ValueError, match="lengths has 3 entries, the global batch 16 samples"):
+        shard(gb, 0, 1, 8, 2, [1, 2, 3])
+
+
 def test_resume_continues_identically_also_at_other_world_size():
     full = MixtureSampler(SIZES, [1, 2, 3, 1], global_batch_size=8, seed=5)
     ref = [full.next_global_batch() for _ in range(30)]
