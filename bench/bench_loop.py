@@ -9,7 +9,8 @@ Both trainers run in fresh child processes (one rank, DeepSpeed CPU accelerator,
 the same tiny Llama (random init, same seed), the same global sample stream (``MixtureDataset``
 drives the HF Trainer, the mixtrain sampler drives mixtrain) and the same DeepSpeed config
 (ZeRO stage, micro batch, grad accumulation, clipping, AdamW). Tokens/s counts non-pad input
-tokens.
+tokens. Both train the same global batches; mixtrain splits each into micro-batches longest rows
+first (``train.sort_by_length``, its default), the HF Trainer in the order drawn.
 
 Signal overhead: one optimizer step of the mixtrain ``LossModel`` (forward, backward, AdamW)
 with per-domain ``group_ids`` + the signal bus accumulate/all-reduce, against the same step
