@@ -27,13 +27,16 @@ import torch.distributed as dist
 
 from .data.tokenizer import BYTE_TOKENIZER_FILE
 
-__all__ = ["export_model", "merged_state_dict"]
+__all__ = ["export_model", "merged_state_dict", "unwrap_peft"]
 
 _LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    return type(model).__module__.startswith("peft") and hasattr(model, "get_base_model")
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` holding PEFT's injected LoRA layers (the model itself when not PEFT)."""
+    if type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +46,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     ``get_delta_weight`` of each active adapter (PEFT's own merge arithmetic, fan-in/fan-out and
     scaling included), and the adapter tensors are dropped; the model itself is untouched.
     """
-    base = model.get_base_model() if _is_peft(model) else model
+    base = unwrap_peft(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in base.state_dict().items():
         if any(p in k for p in _LORA_PARTS):
@@ -96,7 +99,7 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, ran
     result = None
     with gather:
         if rank == 0:
-            base = model.get_base_model() if _is_peft(model) else model
+            base = unwrap_peft(model)
             tmp = out / ".tmp-model"
             shutil.rmtree(tmp, ignore_errors=True)
             base.save_pretrained(str(tmp), state_dict=merged_state_dict(model), safe_serialization=True)

@@ -25,16 +25,10 @@ from torch import nn
 
 from ..checkpoint import latest_checkpoint
 from ..config import Config, ConfigError
+from ..export import unwrap_peft
 
 # released parameter filter (SEEDS §3.3): names containing these are never GradEx parameters
 EXCLUDED_NAME_PARTS = ("lm_head", "embed_tokens", "wte", "wpe", "word_embeddings", "shared")
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` holding PEFT's injected LoRA layers (the model itself when not PEFT)."""
-    if type(model).__module__.startswith("peft") and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 def build(cfg: Config, vocab_size: int) -> nn.Module:
