@@ -328,9 +328,11 @@ def test_gradient_checkpointing_gives_the_same_run(reference, tmp_path):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
 
 
-def test_lora_run_trains_only_the_adapter_and_exports_it(tmp_path):
+@pytest.mark.parametrize("nproc, zero", [pytest.param(1, 0, id="1rank"),
+                                         pytest.param(2, 3, id="2ranks-zero3", marks=pytest.mark.slow)])
+def test_lora_run_trains_only_the_adapter_and_exports_it(tmp_path, nproc, zero):
     """LoRA on q/v: frozen weights leave the run bit for bit unchanged; the merged export equals
-    PEFT's own forward of base + the exported adapter."""
+    PEFT's own forward of base + the exported adapter (under ZeRO-3: gathered from 2 ranks)."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -338,8 +340,10 @@ def test_lora_run_trains_only_the_adapter_and_exports_it(tmp_path):
     from mixtrain.config import load_config
     from mixtrain.engine import build_model
 
-    cfg = _config(tmp_path, "lora", steps=3, eval_every=0, save_every=0, lr=1e-2)
-    _train(cfg, "model.lora={r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: [q_proj, v_proj]}")
+    cfg = _config(tmp_path, "lora", steps=3, eval_every=0, save_every=0, lr=1e-2, zero_stage=zero,
+                  micro_batch_size=4 // nproc)
+    _train(cfg, "model.lora={r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: [q_proj, v_proj]}",
+           nproc=nproc)
     run = tmp_path / "lora"
     c = load_config(str(cfg))
     base = build_model(c, 259)  # same init seed: the weights the run started from
