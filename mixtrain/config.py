@@ -452,8 +452,8 @@ def config_fingerprint(cfg: Config) -> str:
     d.pop("output_dir", None)
     d.pop("eval", None)  # issue 9: evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
-    for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard",
-              "threads", "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum"):
+    for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard", "threads",
+              "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum"):
         d["train"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,7 +1,8 @@
 """The training loop, top to bottom: data → policy → model/engine → resume → steps → outputs.
 
 One optimizer step =
-  1. draw the global batch from the sampler (weights fixed for the whole step),
+  1. draw the global batch from the sampler (weights fixed for the whole step) and split it
+     into this rank's micro-batches (longest rows first with ``train.sort_by_length``),
   2. for each of this rank's ``grad_accum`` micro-batches: forward (fused per-domain loss),
      ``engine.backward``, ``engine.step`` (DeepSpeed applies the optimizer at the boundary),
   3. all-reduce the step's per-domain sums once (:class:`mixtrain.signals.SignalBus`),
