@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="output directory (default <output_dir>/compare)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
+    p.add_argument("--test", default="ttest", choices=["ttest", "bootstrap", "signflip"],
+                   help="test that marks a difference significant (default ttest: paired t over seeds)")
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise level, Holm-corrected (default 0.05)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over dev examples (default 10000)")
     # ---- end issue 9 ----------------------------------------------------------------------
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO, format="[compare] %(message)s")
             try:
                 md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
-                                 output=args.output, jobs=args.jobs, only_report=args.report_only)
+                                 output=args.output, jobs=args.jobs, only_report=args.report_only,
+                                 test=args.test, alpha=args.alpha, n_boot=args.bootstrap)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

@@ -25,8 +25,13 @@ Answer rules (:func:`extract_answer`), applied to the text before the first end-
     * ``math``: the integer after the **last** ``Answer:`` (as an int, so ``007`` = ``7``);
     * ``exact``: the whole stripped text.
 
-Per-rank sharding: rank ``r`` of ``W`` decodes dev rows ``r, r + W, …``; correct/total counts
-are all-reduced, so every rank returns the same numbers for any world size.
+Per-rank sharding: rank ``r`` of ``W`` decodes dev rows ``r, r + W, …``; the per-example
+results are all-reduced, so every rank returns the same numbers for any world size.
+
+Per-example results (for paired statistics across runs): after a call,
+:meth:`AccuracyEvaluator.per_example` gives ``{domain: {"index": [...], "correct": [...]}}``,
+``index`` being the row's position in the domain's dev split (the same row in every run with the
+same data settings, whatever the seed).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def extract_answer(rule: str, text: str) -> str | None:
 
 @dataclass(frozen=True)
 class AccuracyExample:
-    """One dev row prepared for decoding."""
+    """One dev row prepared for decoding; ``index`` = its row number in the domain's dev split."""
 
     domain: str
     rule: str
@@ -105,6 +110,7 @@ class AccuracyExample:
     gold_text: str
     gold_answer: str
     gold_len: int
+    index: int = -1
 
 
 def split_prompt_response(ids: Sequence[int], labels: Sequence[int], eos_token_id: int
@@ -151,14 +157,14 @@ def build_examples(domains: Sequence[Any], tokenizer: Any, *, only: Sequence[str
         rule = answer_rule(d.name) or ("exact" if only is not None else None)
         if rule is None:
             continue
-        for ids, labels in d.dev[:max_examples]:
+        for row, (ids, labels) in enumerate(d.dev[:max_examples]):
             pr = split_prompt_response(ids, labels, tokenizer.eos_token_id)
             gold = None if pr is None else tokenizer.decode(pr[1])
             ans = None if gold is None else extract_answer(rule, gold)
             if ans is None:
                 skipped[d.name] = skipped.get(d.name, 0) + 1
                 continue
-            out.append(AccuracyExample(d.name, rule, tuple(pr[0]), gold, ans, len(pr[1])))
+            out.append(AccuracyExample(d.name, rule, tuple(pr[0]), gold, ans, len(pr[1]), row))
     return out, skipped
 
 
@@ -238,6 +244,8 @@ class AccuracyEvaluator:
         self.max_new_tokens = max_new_tokens
         self.rank, self.world_size = rank, world_size
         self.mine = [e for i, e in enumerate(self.examples) if i % world_size == rank]
+        self._mine_pos = [i for i in range(len(self.examples)) if i % world_size == rank]
+        self.last_correct: list[bool] | None = None
 
     def budget(self, domain: str) -> int:
         """Decoding budget of ``domain`` in tokens."""
@@ -246,22 +254,40 @@ class AccuracyEvaluator:
         return max(e.gold_len for e in self.examples if e.domain == domain) + 8
 
     def __call__(self, generate: GenerateFn) -> dict[str, float]:
-        """``{domain: exact-match accuracy}`` over all ranks' rows."""
-        counts = torch.zeros(len(self.domains), 2, dtype=torch.float64)
-        for di, dom in enumerate(self.domains):
-            exs = [e for e in self.mine if e.domain == dom]
-            for s in range(0, len(exs), self.batch_size):
-                chunk = exs[s: s + self.batch_size]
+        """``{domain: exact-match accuracy}`` over all ranks' rows (per example: :meth:`per_example`)."""
+        correct = torch.zeros(len(self.examples), dtype=torch.float64)  # each row decoded by one rank
+        for dom in self.domains:
+            pos = [i for i, e in zip(self._mine_pos, self.mine) if e.domain == dom]
+            for s in range(0, len(pos), self.batch_size):
+                chunk = [self.examples[i] for i in pos[s: s + self.batch_size]]
                 conts = generate([list(e.prompt_ids) for e in chunk], self.budget(dom))
-                preds = [self._text(c) for c in conts]
-                c, n = score_predictions(chunk, preds)[dom]
-                counts[di, 0] += c
-                counts[di, 1] += n
+                for i, e, c in zip(pos[s: s + self.batch_size], chunk, conts):
+                    correct[i] = float(extract_answer(e.rule, self._text(c)) == e.gold_answer)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
-        return {d: float(counts[i, 0] / counts[i, 1]) for i, d in enumerate(self.domains) if counts[i, 1] > 0}
+            dist.all_reduce(correct)
+        self.last_correct = [bool(x) for x in correct.tolist()]
+        out = {}
+        for dom in self.domains:
+            hits = [c for c, e in zip(self.last_correct, self.examples) if e.domain == dom]
+            out[dom] = sum(hits) / len(hits)
+        return out
+
+    def per_example(self) -> dict[str, dict[str, list[int]]]:
+        """Results of the last call: ``{domain: {"index": dev row numbers, "correct": 0/1}}``.
+
+        Raises:
+            RuntimeError: the evaluator has not been called yet.
+        """
+        if self.last_correct is None:
+            raise RuntimeError("AccuracyEvaluator.per_example: call the evaluator first")
+        out: dict[str, dict[str, list[int]]] = {}
+        for e, c in zip(self.examples, self.last_correct):
+            d = out.setdefault(e.domain, {"index": [], "correct": []})
+            d["index"].append(e.index)
+            d["correct"].append(int(c))
+        return out
 
     def _text(self, ids: Sequence[int]) -> str:
         ids = list(ids)

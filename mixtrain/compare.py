@@ -64,10 +64,13 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, load_config
+from .stats import RatioData, holm, paired_bootstrap, paired_t, sign_flip, t_interval
 
 __all__ = [
     "ALIASES",
     "BASELINES",
+    "METRICS",
+    "TESTS",
     "PolicySpec",
     "RunResult",
     "parse_policies",
@@ -368,7 +371,8 @@ def _execute(jobs: list[_Job], config: str, n_parallel: int, python: str) -> lis
 
 @dataclass
 class RunResult:
-    """Numbers of one finished run (from its ``metrics.jsonl`` and ``compare_run.json``)."""
+    """Numbers of one finished run (from its ``metrics.jsonl``, ``compare_run.json`` and, when
+    present, the per-example results of its final evaluation, ``dev_examples.json``)."""
 
     label: str
     seed: int
@@ -381,6 +385,7 @@ class RunResult:
     train_time: float
     policy_time: float
     wall_time: float | None
+    examples: dict[str, Any] | None = None
 
     @property
     def dev_avg(self) -> float:
@@ -401,6 +406,38 @@ class RunResult:
 def _mean_of(d: dict[str, Any]) -> float:
     vals = [v for v in d.values() if isinstance(v, (int, float)) and math.isfinite(v)]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def _num_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+
+
+def _read_examples(run_dir: Path, final_step: int) -> dict[str, Any] | None:
+    """``dev_examples.json`` when it is well formed and belongs to the final evaluation, else ``None``."""
+    from .report import DEV_EXAMPLES_FILE
+
+    p = run_dir / DEV_EXAMPLES_FILE
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is not valid JSON; no per-example statistics for this run", p)
+        return None
+    if not isinstance(data, dict) or data.get("step") != final_step:
+        log.warning("%s is not from the final evaluation (step %s, expected %d); ignored", p,
+                    data.get("step") if isinstance(data, dict) else "?", final_step)
+        return None
+    out: dict[str, Any] = {"dev_loss": None, "dev_accuracy": None}
+    loss = data.get("dev_loss")
+    if isinstance(loss, dict) and all(isinstance(v, dict) and _num_list(v.get("loss_sum")) and _num_list(v.get("tokens"))
+                                      and len(v["loss_sum"]) == len(v["tokens"]) for v in loss.values()):
+        out["dev_loss"] = {k: (np.asarray(v["loss_sum"], float), np.asarray(v["tokens"], float)) for k, v in loss.items()}
+    acc = data.get("dev_accuracy")
+    if isinstance(acc, dict) and all(isinstance(v, dict) and _num_list(v.get("index")) and _num_list(v.get("correct"))
+                                     and len(v["index"]) == len(v["correct"]) for v in acc.values()):
+        out["dev_accuracy"] = {k: dict(zip(map(int, v["index"]), map(float, v["correct"]))) for k, v in acc.items()}
+    return out
 
 
 def read_run(run_dir: str | Path, label: str = "", seed: int = 0) -> RunResult:
@@ -437,6 +474,7 @@ def read_run(run_dir: str | Path, label: str = "", seed: int = 0) -> RunResult:
         weights_final={k: float(v) for k, v in recs[-1]["weights"].items()},
         train_time=train_time, policy_time=policy_time,
         wall_time=float(marker["wall_time"]) if "wall_time" in marker else None,
+        examples=_read_examples(run_dir, int(devs[-1]["step"])),
     )
 
 
@@ -454,20 +492,103 @@ def _first_reach(curve: Sequence[tuple[int, float]], target: float) -> int | Non
     return None
 
 
-def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BASELINES) -> dict[str, Any]:
-    """Aggregate runs per label (mean ± sample std over seeds) and compare with the baselines.
+TESTS: tuple[str, ...] = ("ttest", "bootstrap", "signflip")
+"""Tests ``compare`` can mark significance by (``--test``): paired t over seeds (default), paired
+bootstrap over dev examples, exact sign-flip over seeds."""
+METRICS: dict[str, str] = {"acc_avg": "accuracy", "dev_avg": "dev loss"}
+_EX_KEY = {"acc_avg": "dev_accuracy", "dev_avg": "dev_loss"}
+
+
+def _ratio_data(runs_a: list[RunResult], runs_b: list[RunResult], metric: str
+                ) -> tuple[list[RatioData], list[RatioData]] | None:
+    """Per-domain ``RatioData`` of two policies over their common seeds (example ids shared by
+    every run); ``None`` when some run has no per-example results for ``metric``."""
+    key = _EX_KEY[metric]
+    if not runs_a or any(r.examples is None or r.examples.get(key) is None for r in runs_a + runs_b):
+        return None
+    all_runs = runs_a + runs_b
+    doms = [d for d in all_runs[0].examples[key] if all(d in r.examples[key] for r in all_runs)]
+    xa, xb = [], []
+    for d in doms:
+        if metric == "acc_avg":
+            ids = sorted(set.intersection(*(set(r.examples[key][d]) for r in all_runs)))
+            if not ids:
+                continue
+
+            def arr(runs: list[RunResult], d: str = d, ids: list[int] = ids) -> RatioData:
+                num = np.array([[r.examples[key][d][i] for i in ids] for r in runs])
+                return RatioData(num, np.ones_like(num))
+        else:
+            lens = {len(r.examples[key][d][0]) for r in all_runs}
+            if len(lens) != 1 or 0 in lens:
+                continue  # not the same dev rows: nothing to pair
+
+            def arr(runs: list[RunResult], d: str = d) -> RatioData:
+                return RatioData(np.stack([r.examples[key][d][0] for r in runs]),
+                                 np.stack([r.examples[key][d][1] for r in runs]))
+        a, b = arr(runs_a), arr(runs_b)
+        if (a.den.sum(1) > 0).all() and (b.den.sum(1) > 0).all():
+            xa.append(a)
+            xb.append(b)
+    return (xa, xb) if xa else None
+
+
+def _compare_pair(runs_a: list[RunResult], runs_b: list[RunResult], metric: str, *, test: str,
+                  n_boot: int, boot_seed: int) -> dict[str, Any] | None:
+    """Paired statistics of ``metric`` for policy ``a`` vs baseline ``b`` over their common seeds."""
+    by_b = {r.seed: r for r in runs_b}
+    pa = [r for r in runs_a if r.seed in by_b and math.isfinite(getattr(r, metric))
+          and math.isfinite(getattr(by_b[r.seed], metric))]
+    pb = [by_b[r.seed] for r in pa]
+    if not pa:
+        return None
+    va = [getattr(r, metric) for r in pa]
+    vb = [getattr(r, metric) for r in pb]
+    diffs = [x - y for x, y in zip(va, vb)]
+    m, lo, hi = t_interval(diffs)
+    boot = None
+    rd = _ratio_data(pa, pb, metric)
+    if rd is not None:
+        br = paired_bootstrap(*rd, n_boot=n_boot, seed=boot_seed)
+        boot = {"diff": br.diff, "lo": br.lo, "hi": br.hi, "p": br.p, "n_boot": br.n_boot}
+    res = {"diff": m, "ci": [lo, hi], "n": len(pa), "seeds": [r.seed for r in pa], "per_seed": diffs,
+           "p_ttest": paired_t(va, vb), "p_signflip": sign_flip(va, vb), "bootstrap": boot}
+    res["p"] = res["p_" + test] if test != "bootstrap" else (boot["p"] if boot else math.nan)
+    return res
+
+
+def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BASELINES, *,
+              test: str = "ttest", alpha: float = 0.05, n_boot: int = 10000, boot_seed: int = 0,
+              confidence: float = 0.95) -> dict[str, Any]:
+    """Aggregate runs per label over seeds and test every policy against every baseline.
 
     Args:
         results: ``{label: [RunResult per seed]}`` (labels in table order).
         baselines: labels of the baseline rows present in ``results``.
+        test: which test marks a difference significant (:data:`TESTS`).
+        alpha: family-wise level; the Holm correction runs over all (policy, baseline)
+            comparisons of one metric (accuracy and dev loss are two families).
+        n_boot, boot_seed: bootstrap resamples and their seed.
+        confidence: level of the intervals.
 
     Returns:
         A JSON-serialisable dict: ``target`` (best baseline's mean final average dev loss and
-        which baseline), and per label ``rows[label]`` with ``dev_avg``, ``acc_avg``,
-        ``dev_domain``, ``acc_domain`` (each ``[mean, std]``), ``reach`` (mean step over seeds
-        that reached the target, and ``reached``/``n``), ``wall_time``, ``overhead_pct``,
-        ``weights`` (mean), and ``vs[baseline]`` = ``{dev: [diff, beyond_spread], acc: [...]}``.
+        which baseline), ``test``/``alpha``/``correction``, ``comparisons`` (one dict per policy,
+        baseline and metric: ``diff`` = mean paired difference policy − baseline, ``ci`` (t over
+        seeds), ``p_ttest``, ``p_signflip``, ``bootstrap`` {diff, lo, hi, p, n_boot} or ``None``,
+        ``p`` (the chosen test's), ``p_holm``, ``significant``), and per label ``rows[label]``
+        with ``dev_avg``, ``acc_avg``, ``dev_domain``, ``acc_domain`` (each ``[mean, std]``),
+        ``dev_ci``/``acc_ci`` (``[mean, lo, hi]``), ``reach`` (mean step over seeds that reached the
+        target, ``reached``/``n``, ``per_seed``), ``wall_time``, ``overhead_pct``, ``weights`` (mean)
+        and ``vs[baseline][metric]`` = the comparison dict.
+
+    Raises:
+        ValueError: unknown ``test`` or ``alpha`` outside (0, 1).
     """
+    if test not in TESTS:
+        raise ValueError(f"--test {test!r}: expected one of {', '.join(TESTS)}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"--alpha {alpha}: expected a number in (0, 1)")
     rows: dict[str, Any] = {}
     for label, runs in results.items():
         domains = list(runs[0].dev_final)
@@ -478,6 +599,10 @@ def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BA
             "seeds": [r.seed for r in runs],
             "dev_avg": _ms([r.dev_avg for r in runs]),
             "acc_avg": _ms([r.acc_avg for r in runs]),
+            "dev_ci": list(t_interval([r.dev_avg for r in runs], confidence)),
+            "acc_ci": list(t_interval([r.acc_avg for r in runs], confidence)),
+            "dev_per_seed": [r.dev_avg for r in runs],
+            "acc_per_seed": [r.acc_avg for r in runs],
             "dev_domain": {d: _ms([r.dev_final.get(d, math.nan) for r in runs]) for d in domains},
             "acc_domain": {d: _ms([(r.acc_final or {}).get(d, math.nan) for r in runs]) for d in acc_domains},
             "wall_time": _ms([r.wall_time if r.wall_time is not None else math.nan for r in runs]),
@@ -491,6 +616,7 @@ def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BA
     if present:
         best = min(present, key=lambda b: rows[b]["dev_avg"][0])
         target = {"baseline": best, "dev_avg": rows[best]["dev_avg"][0]}
+    comparisons: list[dict[str, Any]] = []
     for label, runs in results.items():
         row = rows[label]
         if target is not None:
@@ -504,18 +630,20 @@ def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BA
         for b in present:
             if b == label:
                 continue
-            row["vs"][b] = {key: _versus(row[key], rows[b][key]) for key in ("dev_avg", "acc_avg")}
-    return {"target": target, "baselines": present, "rows": rows}
-
-
-def _versus(a: tuple[float, float], b: tuple[float, float]) -> list[Any]:
-    """``[mean_a - mean_b, beyond]``; ``beyond`` = |diff| > std_a + std_b (``None``: no spread)."""
-    if not (math.isfinite(a[0]) and math.isfinite(b[0])):
-        return [None, None]
-    diff = a[0] - b[0]
-    if not (math.isfinite(a[1]) and math.isfinite(b[1])):
-        return [diff, None]
-    return [diff, bool(abs(diff) > a[1] + b[1])]
+            row["vs"][b] = {}
+            for metric in METRICS:
+                c = _compare_pair(runs, results[b], metric, test=test, n_boot=n_boot, boot_seed=boot_seed)
+                row["vs"][b][metric] = c
+                if c is not None:
+                    comparisons.append({"policy": label, "baseline": b, "metric": metric, **c})
+    for metric in METRICS:  # Holm within each metric's family
+        fam = [c for c in comparisons if c["metric"] == metric]
+        for c, adj in zip(fam, holm([c["p"] for c in fam])):
+            c["p_holm"] = adj
+            c["significant"] = bool(math.isfinite(adj) and adj <= alpha)
+            rows[c["policy"]]["vs"][c["baseline"]][metric].update(p_holm=adj, significant=c["significant"])
+    return {"target": target, "baselines": present, "rows": rows, "comparisons": comparisons, "test": test,
+            "alpha": alpha, "correction": "holm", "confidence": confidence, "n_boot": n_boot}
 
 
 # ---- writing the comparison ----------------------------------------------------------------------
@@ -531,38 +659,107 @@ def _f(ms: Sequence[float], nd: int = 3, pct: bool = False) -> str:
     return f"{m * k:.{nd}f} ± {s * k:.{nd}f}"
 
 
-def _vs(v: list[Any] | None, nd: int = 3, pct: bool = False) -> str:
-    if not v or v[0] is None:
+def _ci(mlh: Sequence[float], nd: int = 3, pct: bool = False) -> str:
+    """``mean [lo, hi]`` (just the mean when the interval is undefined)."""
+    m, lo, hi = mlh
+    if m is None or not math.isfinite(m):
         return "n/a"
     k = 100.0 if pct else 1.0
-    return f"{v[0] * k:+.{nd}f}{' *' if v[1] else ''}"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{m * k:.{nd}f}"
+    return f"{m * k:.{nd}f} [{lo * k:.{nd}f}, {hi * k:.{nd}f}]"
+
+
+def _vs(v: dict[str, Any] | None, nd: int = 3, pct: bool = False) -> str:
+    if not v or v.get("diff") is None or not math.isfinite(v["diff"]):
+        return "n/a"
+    k = 100.0 if pct else 1.0
+    return f"{v['diff'] * k:+.{nd}f}{' *' if v.get('significant') else ''}"
+
+
+def _p(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
+
+
+_TEST_TEXT = {
+    "ttest": "paired t-test over seeds (`scipy.stats.ttest_rel`; runs with the same seed form a pair)",
+    "bootstrap": ("paired bootstrap over dev examples (stratified by domain, the same resampled example ids "
+                  "for both policies and all seeds; percentile p-value)"),
+    "signflip": "exact sign-flip permutation test over seeds",
+}
+
+
+def _summary_json(summ: dict[str, Any], labels: list[str], primary: str) -> dict[str, Any]:
+    rows = summ["rows"]
+    arms = {}
+    for lab in labels:
+        r = rows[lab]
+        arms[lab] = {
+            "n": r["n"], "seeds": r["seeds"],
+            "accuracy": {"mean": r["acc_ci"][0], "lo": r["acc_ci"][1], "hi": r["acc_ci"][2], "std": r["acc_avg"][1],
+                         "per_seed": r["acc_per_seed"]},
+            "dev_loss": {"mean": r["dev_ci"][0], "lo": r["dev_ci"][1], "hi": r["dev_ci"][2], "std": r["dev_avg"][1],
+                         "per_seed": r["dev_per_seed"]},
+            "steps_to_baseline": r["reach"],
+            "wall_time": r["wall_time"][0],
+        }
+    comps = [{**{k: v for k, v in c.items() if k != "metric"}, "metric": METRICS[c["metric"]].replace(" ", "_")}
+             for c in summ["comparisons"]]
+    return {"version": 1, "primary_metric": primary, "test": summ["test"], "alpha": summ["alpha"],
+            "correction": summ["correction"], "confidence": summ["confidence"], "n_boot": summ["n_boot"],
+            "target": summ["target"], "arms": arms, "comparisons": comps}
 
 
 def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict[str, list[RunResult]],
-                     *, header: dict[str, Any] | None = None, failures: Sequence[str] = ()) -> tuple[Path, Path]:
-    """Write ``comparison.md``, ``comparison.png`` and ``comparison.json`` in ``out``.
+                     *, header: dict[str, Any] | None = None, failures: Sequence[str] = (), test: str = "ttest",
+                     alpha: float = 0.05, n_boot: int = 10000) -> tuple[Path, Path]:
+    """Write ``comparison.md``, ``comparison.png``, ``comparison.json`` (everything) and
+    ``summary.json`` (per-arm intervals and every test; schema in ``docs/compare.md``) in ``out``.
+
+    ``test``, ``alpha``, ``n_boot``: see :func:`summarize`.
 
     Returns:
         ``(md_path, png_path)``.
     """
     out = Path(out)
-    summ = summarize(results)
+    summ = summarize(results, test=test, alpha=alpha, n_boot=n_boot)
     rows = summ["rows"]
     labels = [s.label for s in specs if s.label in results]
     notes = {s.label: s for s in specs}
     has_acc = any(math.isfinite(rows[lab]["acc_avg"][0]) for lab in labels)
+    primary = "accuracy" if has_acc else "dev_loss"
     base = summ["baselines"]
+    n_seeds = max((rows[lab]["n"] for lab in labels), default=0)
     lines = ["# mixtrain compare", ""]
     for k, v in (header or {}).items():
         lines.append(f"- **{k}**: {v}")
     lines += [
         ("- **baselines**: `uniform` = stratified (equal weight per domain/skill); `random` = `proportional` "
          "(uniform over training examples, p ∝ n). With equal domain sizes the two are the same mixture."),
-        ("- values are mean ± sample std over seeds (final evaluation); `Δ` columns are policy − baseline, "
-         "`*` marks a difference larger than the seed-to-seed spread (|Δ| > std_policy + std_baseline)."),
+        (f"- **primary metric**: {'dev accuracy (exact match); dev loss second' if has_acc else 'dev loss (no task accuracy in these runs)'}."),
+        (f"- values are the mean over seeds with its {summ['confidence']:.0%} Student-t confidence interval "
+         "`[lo, hi]` (final evaluation); `Δ` columns are the mean paired difference policy − baseline "
+         "over the seeds both have."),
+        (f"- **significance** (`*`): {_TEST_TEXT[test]}, two-sided, α = {alpha}, Holm-corrected over all "
+         f"{len([c for c in summ['comparisons'] if c['metric'] == 'acc_avg'])} accuracy / "
+         f"{len([c for c in summ['comparisons'] if c['metric'] == 'dev_avg'])} dev-loss comparisons "
+         "(one family per metric). No `*` means: not shown to differ at that level, not: equal."),
+        ("- runs with the same seed share the training data order where the mixtures allow: the same uniform "
+         "stream picks each sample's domain (inverse CDF of that step's weights) and the same per-domain "
+         "shuffles give the examples; model initialisation, corpus, dev rows and LoRA initialisation are the "
+         "same for every seed. The seed-to-seed spread is therefore the data-order variance only."),
+        (f"- the exact sign-flip test cannot go below p = 2/2^n (= {2 / 2 ** max(n_seeds, 1):.3g} with "
+         f"{n_seeds} seed(s)); it is shown for reference"
+         + (" and can never reach α here." if n_seeds and 2 / 2 ** n_seeds > alpha else ".")),
+        ("- the bootstrap resamples dev examples only (the noise of a finite dev set for these trained models), "
+         "not training seeds."),
         ("- *avg dev loss* = unweighted mean over domains of the per-domain mean token loss on the dev split; "
          "*accuracy* = unweighted mean over the scored domains of greedy exact-match accuracy."),
     ]
+    if n_seeds < 3:
+        lines.append(f"- **only {n_seeds} seed(s)**: use ≥ 3 seeds for the tests to mean anything.")
     if summ["target"] is not None:
         lines.append(f"- *steps to baseline*: first evaluation step whose avg dev loss ≤ "
                      f"{summ['target']['dev_avg']:.4f} (the final avg dev loss of the best baseline, "
@@ -570,19 +767,20 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
     lines.append("- *overhead* = Σ policy_time / Σ step_time over logged steps (metrics.jsonl); "
                  "*wall* = seconds of the `train` subprocess(es), start-up and evaluation included.")
     lines.append("")
-    head = ["policy", "avg dev loss"] + [f"Δ vs {b}" for b in base]
+    head = ["policy"]
     if has_acc:
         head += ["accuracy %"] + [f"Δacc vs {b} (pts)" for b in base]
+    head += ["avg dev loss"] + [f"Δ vs {b}" for b in base]
     head += ["steps to baseline", "wall (s)", "overhead %"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lab in labels:
         r = rows[lab]
         name = f"`{lab}`" + (f" ({notes[lab].note})" if notes[lab].note else "")
-        cells = [name, _f(r["dev_avg"], 4)] + [_vs(r["vs"].get(b, {}).get("dev_avg"), 4) if b != lab else "—"
-                                               for b in base]
+        cells = [name]
         if has_acc:
-            cells += [_f(r["acc_avg"], 1, pct=True)] + [
+            cells += [_ci(r["acc_ci"], 1, pct=True)] + [
                 _vs(r["vs"].get(b, {}).get("acc_avg"), 1, pct=True) if b != lab else "—" for b in base]
+        cells += [_ci(r["dev_ci"], 4)] + [_vs(r["vs"].get(b, {}).get("dev_avg"), 4) if b != lab else "—" for b in base]
         rc = r["reach"]
         if rc is None:
             cells.append("n/a")
@@ -591,15 +789,32 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
                          else f"not reached (0/{rc['n']})")
         cells += [_f(r["wall_time"], 0), _f(r["overhead_pct"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    if summ["comparisons"]:
+        lines += ["", "## Tests (policy − baseline)", "",
+                  (f"`p` columns are two-sided, unadjusted except `p Holm` (of the `{test}` p-value); "
+                   "`Δ [CI]` is the t interval of the paired differences over seeds; the bootstrap gives its own "
+                   "Δ and percentile interval over dev examples."), "",
+                  ("| policy | vs | metric | seeds | Δ [CI] | p t-test | p sign-flip | bootstrap Δ [CI] "
+                   "| p bootstrap | p Holm | significant |"), "|" + "---|" * 11]
+        for metric in (["acc_avg"] if has_acc else []) + ["dev_avg"]:
+            for c in [c for c in summ["comparisons"] if c["metric"] == metric]:
+                pct, nd = (True, 1) if metric == "acc_avg" else (False, 4)
+                k = 100.0 if pct else 1.0
+                bt = c["bootstrap"]
+                lines.append("| " + " | ".join([
+                    f"`{c['policy']}`", f"`{c['baseline']}`", METRICS[metric] + (" (pts)" if pct else ""), str(c["n"]),
+                    _ci([c["diff"], *c["ci"]], nd, pct=pct), _p(c["p_ttest"]), _p(c["p_signflip"]),
+                    f"{bt['diff'] * k:+.{nd}f} [{bt['lo'] * k:+.{nd}f}, {bt['hi'] * k:+.{nd}f}]" if bt else "n/a",
+                    _p(bt["p"]) if bt else "n/a", _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]) + " |")
     domains = list(rows[labels[0]]["dev_domain"]) if labels else []
-    lines += ["", "## Final dev loss per domain", "",
+    lines += ["", "## Final dev loss per domain (mean ± std over seeds)", "",
               "| policy | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
     for lab in labels:
         lines.append(f"| `{lab}` | " + " | ".join(_f(rows[lab]["dev_domain"].get(d, (math.nan, math.nan)), 3)
                                                    for d in domains) + " |")
     if has_acc:
         adom = list(rows[labels[0]]["acc_domain"])
-        lines += ["", "## Final dev accuracy per domain (%)", "",
+        lines += ["", "## Final dev accuracy per domain (%, mean ± std over seeds)", "",
                   "| policy | " + " | ".join(adom) + " |", "|" + "---|" * (len(adom) + 1)]
         for lab in labels:
             lines.append(f"| `{lab}` | " + " | ".join(
@@ -614,14 +829,22 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
     lines += ["", "![comparison](comparison.png)", ""]
     out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
-    md.write_text("\n".join(lines))
-    (out / "comparison.json").write_text(json.dumps(
+    _atomic_write(md, "\n".join(lines))
+    _atomic_write(out / "comparison.json", json.dumps(
         {"header": header or {}, "specs": [s.__dict__ for s in specs], "summary": summ,
          "curves": {lab: [r.dev_curve for r in results[lab]] for lab in labels},
          "acc_curves": {lab: [r.acc_curve for r in results[lab]] for lab in labels},
          "failures": list(failures)}, indent=1, default=str))
+    _atomic_write(out / "summary.json", json.dumps({"header": header or {}, **_summary_json(summ, labels, primary)},
+                                                   indent=1, default=str))
     png = _plot(out / "comparison.png", labels, results, rows, has_acc)
     return md, png
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -696,7 +919,7 @@ def _plot(path: Path, labels: list[str], results: dict[str, list[RunResult]], ro
 
 def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequence[str] = (),
                 output: str | None = None, jobs: int = 1, python: str | None = None,
-                only_report: bool = False) -> Path:
+                only_report: bool = False, test: str = "ttest", alpha: float = 0.05, n_boot: int = 10000) -> Path:
     """Run (or resume) the comparison and write the outputs; returns ``comparison.md``.
 
     Args:
@@ -708,6 +931,9 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
         jobs: runs executed in parallel (each a separate process).
         python: interpreter for the runs (default ``sys.executable``).
         only_report: do not run anything; rebuild the outputs from the finished runs.
+        test: the test that marks significance (:data:`TESTS`); ``alpha``: its family-wise level
+            (Holm); ``n_boot``: bootstrap resamples. All three only affect the report, so they
+            can be changed with ``only_report`` without rerunning anything.
 
     Raises:
         ConfigError: bad config, policy spec, parameters or seeds (before anything runs).
@@ -717,6 +943,12 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
 
     if jobs < 1:
         raise ConfigError(f"--jobs: got {jobs}, expected an integer >= 1")
+    if test not in TESTS:
+        raise ConfigError(f"--test: got {test!r}, expected one of {', '.join(TESTS)}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"--alpha: got {alpha}, expected a number in (0, 1)")
+    if n_boot < 1:
+        raise ConfigError(f"--bootstrap: got {n_boot}, expected an integer >= 1")
     cfg = load_config(config, overrides)
     specs = with_baselines(parse_policies(policies))
     seed_list = parse_seeds(seeds)
@@ -759,7 +991,8 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
               "domains": ", ".join(cfg.data.builtin + list(cfg.data.domains))}
     if not results:
         raise RuntimeError("compare: no run finished; nothing to compare. " + "; ".join(failures))
-    md, _ = write_comparison(out, specs, results, header=header, failures=failures)
+    md, _ = write_comparison(out, specs, results, header=header, failures=failures, test=test, alpha=alpha,
+                             n_boot=n_boot)
     if failed:
         raise RuntimeError(f"compare: {len(failed)} run(s) failed: " + "; ".join(failures) + f" (partial table in {md})")
     return md

@@ -37,6 +37,7 @@ from .config import Config, ConfigError, config_fingerprint
 from .data import collate_examples, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
 from .policies import PolicyContext
+from .report import DEV_EXAMPLES_FILE
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
 from .signals import LossOutput, SignalBus, dev_losses
 
@@ -235,12 +236,16 @@ def train(cfg: Config) -> dict[str, Any]:
         res = engine(**batch)
         return LossOutput(res["loss"], res["group_loss"], res["group_count"], res.get("token_loss"))
 
-    def run_dev() -> np.ndarray:
+    def run_dev(per_row: bool = False) -> Any:
         engine.eval()
+        old = wrapper.return_token_loss
+        wrapper.return_token_loss = old or per_row
         try:
             return dev_losses(eval_loss, lambda rows: make_batch(rows, "dev"), [len(d.dev) for d in enc],
-                              batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size)
+                              batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                              per_row=per_row)
         finally:
+            wrapper.return_token_loss = old
             engine.train()
 
     @torch.no_grad()
@@ -412,7 +417,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
         is_last = step == t.steps
         do_eval = t.eval_every and (step % t.eval_every == 0 or is_last)
-        if do_eval and dev_now is None:
+        dev_rows = None
+        if do_eval and is_last:  # per-row losses too, for paired statistics across runs (compare)
+            means, row_sum, row_tokens = run_dev(per_row=True)
+            dev_now = means if dev_now is None else dev_now
+            dev_rows = {n: {"loss_sum": a.tolist(), "tokens": b.tolist()} for n, a, b in zip(names, row_sum, row_tokens)}
+        elif do_eval and dev_now is None:
             dev_now = run_dev()
         if dev_now is not None:
             last_dev = dev_now
@@ -438,6 +448,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
             if acc_eval is not None and (do_eval or is_last):  # issue 9
                 rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
+            if is_last and info.is_main and (dev_rows is not None or acc_eval is not None):
+                # before metrics/checkpoint: a run whose last checkpoint exists also has this file
+                atomic_write_text(out / DEV_EXAMPLES_FILE, json.dumps({
+                    "version": 1, "step": step, "dev_loss": dev_rows,
+                    "dev_accuracy": acc_eval.per_example() if acc_eval is not None else None}))
             metrics.write(rec)
             if bar is not None:
                 top = sorted(zip(names, sampler.weights), key=lambda x: -x[1])[:3]

@@ -17,7 +17,12 @@ import numpy as np
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["export_schedule", "make_report", "read_metrics"]
+__all__ = ["DEV_EXAMPLES_FILE", "export_schedule", "make_report", "read_metrics"]
+
+DEV_EXAMPLES_FILE = "dev_examples.json"
+"""Per-example results of the final evaluation: ``{"version": 1, "step": N, "dev_loss": {domain:
+{"loss_sum": [...], "tokens": [...]}} | null, "dev_accuracy": {domain: {"index": [...],
+"correct": [0/1 ...]}} | null}`` (row ``j`` of ``dev_loss`` = dev row ``j``)."""
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -298,28 +298,53 @@ def dev_losses(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-) -> np.ndarray:
+    per_row: bool = False,
+) -> np.ndarray | tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Mean token loss per domain over the dev rows (NaN for domains without dev data).
 
     Rows are dealt round-robin over ranks in fixed-size batches; every rank runs the same number
     of forwards (padding with repeats it then ignores), which ZeRO-3 requires.
+
+    ``per_row``: also return, per domain, the sum of token losses ``[n_d]`` float64 and the label
+    token count ``[n_d]`` float64 of every dev row (row ``j`` = the domain's dev row ``j``), from
+    ``LossOutput.token_loss`` (``loss_fn`` must then return it) and the batch's ``labels``; the
+    per-domain mean is then ``row_sum.sum() / row_count.sum()``, the same as the first output.
+
+    Raises:
+        ValueError: ``per_row`` but ``loss_fn`` returned no ``token_loss``.
     """
     d = len(dev_sizes)
     items = [(di, j) for di, n in enumerate(dev_sizes) for j in range(n)]
-    mine = items[rank::world_size]
+    mine = list(range(rank, len(items), world_size))
     n_batches = -(-len(items[0::world_size]) // batch_size) if items else 0
     loss = torch.zeros(d, dtype=torch.float64)
     count = torch.zeros(d, dtype=torch.float64)
+    row = torch.zeros(2, len(items) if per_row else 0, dtype=torch.float64)
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        pos = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = [items[i] for i in pos]
         real = len(chunk)
         if real == 0:
             chunk = items[:1]
-        out = loss_fn(make_batch(chunk))
+        batch = make_batch(chunk)
+        out = loss_fn(batch)
         if real:
             loss += out.group_loss.to(torch.float64).cpu()
             count += out.group_count.to(torch.float64).cpu()
-    both = _all_reduce(torch.cat([loss, count]))
-    loss, count = both[:d].numpy(), both[d:].numpy()
+            if per_row:
+                if out.token_loss is None:
+                    raise ValueError("dev_losses(per_row=True): the loss function returned no token_loss")
+                valid = (batch["labels"][:, 1:] != -100).to(torch.float64).cpu()
+                tl = out.token_loss.detach().to(torch.float64).cpu()
+                row[0, pos] = (tl * valid).sum(1)
+                row[1, pos] = valid.sum(1)
+    both = _all_reduce(torch.cat([loss, count, row.reshape(-1)]))
+    loss, count = both[:d].numpy(), both[d:2 * d].numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, loss / np.maximum(count, 1), np.nan)
+        means = np.where(count > 0, loss / np.maximum(count, 1), np.nan)
+    if not per_row:
+        return means
+    rows = both[2 * d:].reshape(2, -1).numpy()
+    bounds = np.cumsum([0, *dev_sizes])
+    return (means, [rows[0, bounds[i]:bounds[i + 1]].copy() for i in range(d)],
+            [rows[1, bounds[i]:bounds[i + 1]].copy() for i in range(d)])

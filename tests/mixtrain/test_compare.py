@@ -127,16 +127,22 @@ def test_summary_and_table_hand_computed(tmp_path: Path) -> None:
     assert rows["good"]["overhead_pct"][0] == pytest.approx(10.0)
     assert rows["good"]["wall_time"] == (pytest.approx(30.5), pytest.approx(math.sqrt(0.5)))
     assert rows["good"]["acc_avg"] == (pytest.approx(0.375), pytest.approx(math.sqrt(2 * 0.125**2)))
-    # beyond the spread: good vs uniform |−0.5| > 2·sd; meh vs uniform |+0.05| is not
-    assert rows["good"]["vs"]["uniform"]["dev_avg"] == [pytest.approx(-0.5), True]
-    assert rows["meh"]["vs"]["uniform"]["dev_avg"] == [pytest.approx(0.05), False]
-    assert rows["meh"]["vs"]["random"]["dev_avg"] == [pytest.approx(-0.35), True]
+    # paired differences per seed: good − uniform = −0.5, −0.5 (no spread: t undefined, not significant);
+    # meh − uniform = +0.05, +0.05; meh − random = −0.35, −0.35 (statistics: test_compare_stats.py)
+    g = rows["good"]["vs"]["uniform"]["dev_avg"]
+    assert g["diff"] == pytest.approx(-0.5) and g["n"] == 2 and g["per_seed"] == [pytest.approx(-0.5)] * 2
+    assert math.isnan(g["p_ttest"]) and g["significant"] is False
+    assert rows["meh"]["vs"]["uniform"]["dev_avg"]["diff"] == pytest.approx(0.05)
+    assert rows["meh"]["vs"]["random"]["dev_avg"]["diff"] == pytest.approx(-0.35)
+    assert rows["good"]["vs"]["uniform"]["acc_avg"] is None  # uniform has no accuracy
     specs = with_baselines([PolicySpec("good", "good"), PolicySpec("meh", "meh")])
     md, png = write_comparison(tmp_path, specs, results, header={"config": "fake"})
     text = md.read_text()
     good = next(line for line in text.splitlines() if line.startswith("| `good`"))
     meh = next(line for line in text.splitlines() if line.startswith("| `meh`"))
-    assert "1.1000 ± 0.1414" in good and "-0.5000 *" in good and "5 (2/2)" in good and "10.00" in good
+    ci = 12.706204736174696 * 0.1414213562373095 / math.sqrt(2)  # t_{0.975, 1} · s / √2
+    assert f"1.1000 [{1.1 - ci:.4f}, {1.1 + ci:.4f}]" in good and "| -0.5000 |" in good
+    assert "5 (2/2)" in good and "10.00" in good
     assert "+0.0500 |" in meh and "10 (1/2)" in meh
     assert "not reached (0/2)" in next(line for line in text.splitlines() if line.startswith("| `random`"))
     assert "| `good` | 0.850 ± 0.495 | 1.350 ± 0.212 |" in text  # per-domain table
@@ -154,7 +160,9 @@ def test_single_seed_has_no_spread_mark(tmp_path: Path) -> None:
         _fake_run(rd, {"x": 3.0}, {"x": v}, {"x": 1.0}, 1.0)
         results[label] = [read_run(rd, label, 0)]
     s = summarize(results)
-    assert s["rows"]["p"]["vs"]["uniform"]["dev_avg"] == [pytest.approx(-1.0), None]  # no spread: no mark
+    v = s["rows"]["p"]["vs"]["uniform"]["dev_avg"]  # one pair: no t-test, no mark
+    assert v["diff"] == pytest.approx(-1.0) and math.isnan(v["p_ttest"]) and v["significant"] is False
+    assert v["p_signflip"] == 1.0  # the smallest two-sided p of one pair is 2/2
 
 
 def test_read_run_without_dev_loss(tmp_path: Path) -> None:
