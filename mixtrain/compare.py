@@ -628,8 +628,8 @@ def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BA
             row["reach"] = None
         row["vs"] = {}
         for b in present:
-            if b == label:
-                continue
+            if b == label or (label in present and present.index(label) < present.index(b)):
+                continue  # a baseline against a later baseline: the mirror of that pair, filled below
             row["vs"][b] = {}
             for metric in METRICS:
                 c = _compare_pair(runs, results[b], metric, test=test, n_boot=n_boot, boot_seed=boot_seed)
@@ -642,8 +642,22 @@ def summarize(results: dict[str, list[RunResult]], baselines: Sequence[str] = BA
             c["p_holm"] = adj
             c["significant"] = bool(math.isfinite(adj) and adj <= alpha)
             rows[c["policy"]]["vs"][c["baseline"]][metric].update(p_holm=adj, significant=c["significant"])
+    for i, a in enumerate(present):  # baseline pairs are tested once; the earlier row shows the mirror
+        for b in present[i + 1:]:
+            rows[a]["vs"][b] = {m: _mirror(v) for m, v in rows[b]["vs"].get(a, {}).items()}
     return {"target": target, "baselines": present, "rows": rows, "comparisons": comparisons, "test": test,
             "alpha": alpha, "correction": "holm", "confidence": confidence, "n_boot": n_boot}
+
+
+def _mirror(c: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The comparison ``b`` vs ``a`` from ``a`` vs ``b`` (differences negated, same p-values)."""
+    if c is None:
+        return None
+    out = dict(c, diff=-c["diff"], ci=[-c["ci"][1], -c["ci"][0]], per_seed=[-x for x in c["per_seed"]])
+    if c.get("bootstrap"):
+        bt = c["bootstrap"]
+        out["bootstrap"] = dict(bt, diff=-bt["diff"], lo=-bt["hi"], hi=-bt["lo"])
+    return out
 
 
 # ---- writing the comparison ----------------------------------------------------------------------
@@ -659,15 +673,16 @@ def _f(ms: Sequence[float], nd: int = 3, pct: bool = False) -> str:
     return f"{m * k:.{nd}f} ± {s * k:.{nd}f}"
 
 
-def _ci(mlh: Sequence[float], nd: int = 3, pct: bool = False) -> str:
+def _ci(mlh: Sequence[float], nd: int = 3, pct: bool = False, signed: bool = False) -> str:
     """``mean [lo, hi]`` (just the mean when the interval is undefined)."""
     m, lo, hi = mlh
     if m is None or not math.isfinite(m):
         return "n/a"
     k = 100.0 if pct else 1.0
+    sg = "+" if signed else ""
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{m * k:.{nd}f}"
-    return f"{m * k:.{nd}f} [{lo * k:.{nd}f}, {hi * k:.{nd}f}]"
+        return f"{m * k:{sg}.{nd}f}"
+    return f"{m * k:{sg}.{nd}f} [{lo * k:{sg}.{nd}f}, {hi * k:{sg}.{nd}f}]"
 
 
 def _vs(v: dict[str, Any] | None, nd: int = 3, pct: bool = False) -> str:
@@ -803,7 +818,7 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
                 bt = c["bootstrap"]
                 lines.append("| " + " | ".join([
                     f"`{c['policy']}`", f"`{c['baseline']}`", METRICS[metric] + (" (pts)" if pct else ""), str(c["n"]),
-                    _ci([c["diff"], *c["ci"]], nd, pct=pct), _p(c["p_ttest"]), _p(c["p_signflip"]),
+                    _ci([c["diff"], *c["ci"]], nd, pct=pct, signed=True), _p(c["p_ttest"]), _p(c["p_signflip"]),
                     f"{bt['diff'] * k:+.{nd}f} [{bt['lo'] * k:+.{nd}f}, {bt['hi'] * k:+.{nd}f}]" if bt else "n/a",
                     _p(bt["p"]) if bt else "n/a", _p(c["p_holm"]), "**yes**" if c["significant"] else "no"]) + " |")
     domains = list(rows[labels[0]]["dev_domain"]) if labels else []

@@ -94,6 +94,11 @@ def test_build_examples_gold_answers_match_records() -> None:
     code_only, skipped = build_examples(enc, TOK, only=["code"], max_examples=3)
     # code rows cut by max_length keep no response: skipped, and counted
     assert len(code_only) + skipped.get("code", 0) == 3 and all(e.rule == "exact" for e in code_only)
+    # index = the dev row each example came from, also when rows before it were skipped
+    code = next(d for d in enc if d.name == "code")
+    for e in build_examples(enc, TOK, only=["code"])[0]:
+        ids, labels = code.dev[e.index]
+        assert tuple(ids[: len(e.prompt_ids)]) == e.prompt_ids and labels[len(e.prompt_ids)] != -100
 
 
 def test_evaluator_with_stub_decoder_hand_checked() -> None:
@@ -122,8 +127,13 @@ def test_evaluator_with_stub_decoder_hand_checked() -> None:
         seen_budgets.append(max_new_tokens)
         return [plan[tuple(p)] for p in prompts]
 
+    with pytest.raises(RuntimeError, match="call the evaluator first"):
+        ev.per_example()
     acc = ev(stub)
     assert acc == {"lego_2": 0.5, "addition_3": 0.75}
+    # per example, in dev-row order: the same hand-chosen outcomes
+    assert ev.per_example() == {"lego_2": {"index": [0, 1, 2, 3], "correct": [1, 0, 1, 0]},
+                                "addition_3": {"index": [0, 1, 2, 3], "correct": [1, 1, 1, 0]}}
     assert set(by_prompt) == set(plan)
     # default budget: longest gold response + 8, per domain; batches of 3 → 2 calls per domain
     assert len(seen_budgets) == 4
