@@ -1,7 +1,8 @@
 """``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
-compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...]}``."""
+compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] |
+upcycle MODEL --experts E --top-k K --out DIR}``."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level, Holm-corrected (default 0.05)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over dev examples (default 10000)")
     # ---- end issue 9 ----------------------------------------------------------------------
+    p = sub.add_parser("upcycle", help="a Mixtral MoE from a dense Llama-family model (LLaMA-MoE neuron split)")
+    p.add_argument("model", help="local HF model directory (or a known model name)")
+    p.add_argument("--experts", type=int, required=True, help="experts per layer (divides intermediate_size)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token, 1..experts")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the neuron partitions and routers (default 0)")
+    p.add_argument("--router-std", type=float, default=0.02, help="router init std; 0 = uniform (default 0.02)")
+    p.add_argument("--scale", type=float, default=None, help="expert output scale (default: experts)")
+    p.add_argument("--gap-rows", type=int, default=8, help="dev rows per built-in domain for the step-0 loss gap")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     local = [a for a in extra if a.startswith(("--local_rank=", "--local-rank="))]
@@ -106,6 +117,23 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 130
             print(f"comparison: {md} (+ comparison.png, comparison.json)")
+            return 0
+        if args.cmd == "upcycle":
+            import logging
+
+            from .upcycle import upcycle
+
+            logging.basicConfig(level=logging.INFO, format="[upcycle] %(message)s")
+            rec = upcycle(args.model, experts=args.experts, top_k=args.top_k, out=args.out, seed=args.seed,
+                          router_std=args.router_std, scale=args.scale, overwrite=args.overwrite,
+                          gap_rows=args.gap_rows)
+            gap = rec["loss_gap"]
+            print(f"MoE ({rec['experts']} experts, top-{rec['top_k']}, {rec['parameters_moe']:,} parameters): "
+                  f"{args.out}")
+            if gap is not None:
+                print(f"step-0 loss on {gap['rows']} built-in dev rows ({gap['tokens']} tokens): dense "
+                      f"{gap['dense']:.4f}, upcycled {gap['upcycled']:.4f}, gap {gap['gap']:+.4f} nats/token "
+                      f"({100 * gap['relative_gap']:+.1f}%); see {args.out}/upcycle.json")
             return 0
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
