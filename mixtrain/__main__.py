@@ -119,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"comparison: {md} (+ comparison.png, comparison.json)")
             return 0
         if args.cmd == "upcycle":
-            import logging
-
             from .upcycle import upcycle
 
-            logging.basicConfig(level=logging.INFO, format="[upcycle] %(message)s")
             rec = upcycle(args.model, experts=args.experts, top_k=args.top_k, out=args.out, seed=args.seed,
                           router_std=args.router_std, scale=args.scale, overwrite=args.overwrite,
                           gap_rows=args.gap_rows)

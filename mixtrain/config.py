@@ -57,7 +57,8 @@ class ModelConfig:
         attn_implementation: passed to transformers (``eager``, ``sdpa``, ``flash_attention_2``);
             ``None`` lets transformers choose (flash_attention_2 when flash-attn is installed and a
             GPU is used).
-        init_seed: seed for random initialisation when training from ``config``.
+        init_seed: seed for random initialisation when training from ``config``, and of the LoRA
+            adapters (with ``name_or_path`` too), so every run of a comparison starts identically.
     """
 
     name_or_path: str | None = None

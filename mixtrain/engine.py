@@ -123,6 +123,9 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
             raise ConfigError("model.lora is set but the 'peft' package is not installed") from e
         lora = dict(m.lora)
         lora.setdefault("task_type", "CAUSAL_LM")
+        # seeded: otherwise a pretrained model's adapters start from whatever the global generator
+        # holds (different in every process), and runs paired by seed would differ in their init
+        torch.manual_seed(m.init_seed)
         try:
             model = peft.get_peft_model(model, peft.LoraConfig(**lora))
         except TypeError as e:

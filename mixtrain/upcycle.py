@@ -45,7 +45,6 @@ Supported sources: ``model_type`` ``llama`` or ``mistral`` with bias-free gated-
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -55,8 +54,6 @@ from typing import Any
 import torch
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "UpcycleError", "loss_gap", "split_mlp", "upcycle"]
-
-log = logging.getLogger("mixtrain.upcycle")
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral")
 _GAP_DOMAINS = ("math", "docs", "code", "lego_3", "addition_2")
@@ -197,11 +194,12 @@ def _token_losses(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]
             ids[j, :len(x)] = torch.tensor(x)
             lab[j, :len(y)] = torch.tensor(y)
             mask[j, :len(x)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         tgt = lab[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                         ignore_index=-100, reduction="sum"))
-        count += int((tgt != -100).sum())
+        keep = tgt != -100  # the LM head only where a label is predicted (most of a row is prompt)
+        logits = model.lm_head(hidden[keep]).float()
+        total += float(torch.nn.functional.cross_entropy(logits, tgt[keep], reduction="sum"))
+        count += int(keep.sum())
     return total, count
 
 
@@ -323,8 +321,6 @@ def upcycle(model: str, *, experts: int, top_k: int, out: str | Path, seed: int 
         gap = None
         if gap_rows:
             gap = loss_gap(dense, moe, load_tokenizer(str(tmp)), rows_per_domain=gap_rows, max_length=gap_max_length)
-            log.info("step-0 loss gap: dense %.4f, upcycled %.4f (%+.4f nats/token, %+.1f%%)", gap["dense"],
-                     gap["upcycled"], gap["gap"], 100 * gap["relative_gap"])
         record = {
             "version": 1, "source": model, "source_path": str(src), "source_model_type": dense_cfg.model_type,
             "layout": "mixtral", "experts": experts, "top_k": top_k, "expert_intermediate_size": moe_cfg.intermediate_size,

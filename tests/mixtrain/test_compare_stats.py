@@ -348,3 +348,56 @@ def test_compare_three_seeds_end_to_end(tmp_path: Path) -> None:
     summ2 = json.loads((out / "summary.json").read_text())
     assert summ2["test"] == "signflip" and all(not c["significant"] for c in summ2["comparisons"])
     assert summ2["arms"] == summ["arms"]
+
+
+# ---- what a seed pairs (docs/compare.md, "What a seed pairs") ----------------------------------------
+
+
+def test_same_seed_shares_the_data_order() -> None:
+    from mixtrain.sampler import MixtureSampler
+
+    def draws(weights: list[float], seed: int, steps: int = 30) -> tuple[list[int], dict[int, list[int]]]:
+        s = MixtureSampler([7, 11, 5], weights, global_batch_size=4, seed=seed)
+        doms, per = [], {0: [], 1: [], 2: []}
+        for _ in range(steps):
+            gb = s.next_global_batch()
+            for d, e in zip(gb.domains.tolist(), gb.examples.tolist()):
+                doms.append(d)
+                per[d].append(e)
+        return doms, per
+
+    a_dom, a_ex = draws([1, 1, 1], 0)
+    b_dom, b_ex = draws([1, 1, 1], 0)
+    c_dom, c_ex = draws([0.2, 0.5, 0.3], 0)
+    assert (a_dom, a_ex) == (b_dom, b_ex)  # same weights and seed: identical batches
+    for d in range(3):  # other weights, same seed: each domain's examples come in the same order
+        n = min(len(a_ex[d]), len(c_ex[d]))
+        assert n > 10 and a_ex[d][:n] == c_ex[d][:n]
+    # the domain draws are coupled (one uniform per sample, inverse CDF): with CDFs (1/3, 2/3, 1) and
+    # (0.2, 0.7, 1) a sample keeps its domain with probability 0.2 + 1/3 + 0.3 = 0.83 (independent: 0.33)
+    assert np.mean(np.array(a_dom) == np.array(c_dom)) > 0.7
+    assert draws([1, 1, 1], 1)[0] != a_dom  # another seed: another order
+
+
+def test_lora_adapters_start_the_same_in_every_run(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from mixtrain.config import from_dict
+    from mixtrain.engine import build_model
+
+    src = tmp_path / "dense"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).save_pretrained(src)
+
+    def lora(init_seed: int) -> dict[str, torch.Tensor]:
+        torch.rand(17)  # whatever the process did before must not matter
+        cfg = from_dict({"model": {"name_or_path": str(src), "tokenizer": "byte", "init_seed": init_seed,
+                                   "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                         "data": {"builtin": ["math"]}})
+        return {k: v.detach().clone() for k, v in build_model(cfg, 259).state_dict().items() if "lora_A" in k}
+
+    first, again, other = lora(0), lora(0), lora(1)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
