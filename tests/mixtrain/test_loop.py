@@ -184,6 +184,13 @@ def test_two_ranks_torchrun_zero(reference, tmp_path, stage):
         assert "dev_loss" in got[i]
         for d in SCHEDULE["domains"]:
             assert got[i]["dev_loss"][d] == pytest.approx(want[i]["dev_loss"][d], rel=5e-4)
+    # per-row dev losses of the final evaluation (dev rows dealt over the ranks, then all-reduced)
+    rows2 = json.loads((tmp_path / f"z{stage}" / "dev_examples.json").read_text())["dev_loss"]
+    rows1 = json.loads((ref_run / "dev_examples.json").read_text())["dev_loss"]
+    for d in SCHEDULE["domains"]:
+        assert rows2[d]["tokens"] == rows1[d]["tokens"] and len(rows1[d]["tokens"]) > 1
+        np.testing.assert_allclose(rows2[d]["loss_sum"], rows1[d]["loss_sum"], rtol=5e-4)
+        assert sum(rows2[d]["loss_sum"]) / sum(rows2[d]["tokens"]) == pytest.approx(got[7]["dev_loss"][d], rel=1e-6)
     # the export gathers the (ZeRO-3: partitioned) weights into one complete HF model
     exported = _hf_dev_losses(tmp_path / f"z{stage}" / "model", cfg)
     for d in SCHEDULE["domains"]:
