@@ -314,6 +314,10 @@ def _launch(job: _Job, config: str, python: str) -> None:
     _write_marker(job.run_dir, m)
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # each run is its own one-process job: a rendezvous inherited from the caller (e.g. a process
+    # that trained in-process and so set MASTER_PORT) would make every run bind the same port
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     with open(job.run_dir / "train.log", "a", encoding="utf-8") as logf:
         logf.write(f"\n==== attempt {m['attempts']}: {shlex.join(cmd)}\n")
         logf.flush()
