@@ -34,12 +34,16 @@ Resumability: a run whose ``compare_run.json`` says ``done`` with the same comma
 overrides is skipped; any other run is (re)started with ``train.resume=auto``, so an interrupted
 run continues from its latest checkpoint (``train.save_every`` > 0) or restarts from scratch.
 
-Table (see ``docs/compare.md``): mean ± sample std over seeds of the final per-domain dev loss,
-average dev loss (unweighted mean over domains), dev accuracy (``eval.accuracy``), steps to
-reach the best baseline's final average dev loss, wall-clock, and policy overhead =
-Σ policy_time / Σ step_time over the logged steps (``metrics.jsonl``). A difference to a baseline
-is marked ``*`` when |mean_p − mean_b| > std_p + std_b (it exceeds the seed-to-seed spread; needs
-≥ 2 seeds).
+Table (see ``docs/compare.md``): per policy the mean and 95 % Student-t interval over seeds of
+the final dev accuracy (``eval.accuracy``; the primary metric when present) and average dev loss
+(unweighted mean over domains), steps to reach the best baseline's final average dev loss,
+wall-clock, and policy overhead = Σ policy_time / Σ step_time over the logged steps
+(``metrics.jsonl``); per-domain tables (mean ± sample std). Per policy × baseline
+(:mod:`mixtrain.stats`): the mean paired difference over common seeds, a paired t-test and an
+exact sign-flip test over seeds, and a paired bootstrap over dev examples (from each run's
+``dev_examples.json``). A difference is marked ``*`` only when the chosen test (``--test``,
+default the t-test) rejects at ``--alpha`` after a Holm correction over all comparisons of that
+metric. ``summary.json`` holds the per-arm intervals and every test.
 """
 
 from __future__ import annotations
@@ -683,6 +687,7 @@ def _ci(mlh: Sequence[float], nd: int = 3, pct: bool = False, signed: bool = Fal
     if m is None or not math.isfinite(m):
         return "n/a"
     k = 100.0 if pct else 1.0
+    m, lo, hi = m + 0.0, lo + 0.0, hi + 0.0  # no "-0.0"
     sg = "+" if signed else ""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{m * k:{sg}.{nd}f}"
@@ -693,7 +698,7 @@ def _vs(v: dict[str, Any] | None, nd: int = 3, pct: bool = False) -> str:
     if not v or v.get("diff") is None or not math.isfinite(v["diff"]):
         return "n/a"
     k = 100.0 if pct else 1.0
-    return f"{v['diff'] * k:+.{nd}f}{' *' if v.get('significant') else ''}"
+    return f"{v['diff'] * k + 0.0:+.{nd}f}{' *' if v.get('significant') else ''}"
 
 
 def _p(x: float | None) -> str:
