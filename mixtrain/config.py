@@ -440,9 +440,11 @@ def demo_config(output_dir: str = "runs/demo", *, tiny: bool = False) -> dict[st
             "dev_fraction": 0.1,
             "max_dev_examples": 16,
         },
-        "mixing": {"policy": "mos", "update_every": 10,
-                   "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 16,
-                              "diff_examples": 8}},
+        # the released scorer (lr 1e-4, updates every 100 steps) barely moves in 60 steps: a
+        # larger scorer lr makes the demo's mixture visibly follow the rewards
+        "mixing": {"policy": "mos", "update_every": 15,
+                   "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 8,
+                              "diff_examples": 4, "scorer_lr": 3e-3}},
         "train": {"steps": 60, "micro_batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup": 5,
                   "eval_every": 0, "log_every": 5, "save_every": 30, "seed": 0},
         "eval": {"accuracy": True, "max_examples": 16, "batch_size": 48, "at_start": True},

@@ -25,6 +25,7 @@ installed into the environment, so ``pip check`` stays clean.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ __all__ = [
     "is_cached",
     "list_models",
     "prepare_model",
+    "quiet_progress",
     "resolve_model",
 ]
 
@@ -99,6 +101,21 @@ KNOWN_MODELS: dict[str, ModelSource] = {
 def cache_root() -> Path:
     """``$MIXTRAIN_HOME`` (default ``~/.cache/mixtrain``)."""
     return Path(os.environ.get("MIXTRAIN_HOME") or Path.home() / ".cache" / "mixtrain").expanduser()
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Any:
+    """No transformers progress bars (weight loading, GGUF conversion, saving) inside: they would
+    print under the run's own bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _fix_hint(name: str) -> str:
@@ -200,13 +217,10 @@ def _convert_gguf(gguf: Path, dest: Path, *, name: str, source: dict[str, Any]) 
         ) from None
     import torch
     import transformers
-    from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
     log.info("converting %s into %s (once; later loads read safetensors)", gguf.name, dest)
-    bar_was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_progress():
         kw = {"gguf_file": gguf.name}
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
@@ -242,9 +256,6 @@ def _convert_gguf(gguf: Path, dest: Path, *, name: str, source: dict[str, Any]) 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    finally:
-        if bar_was:
-            hf_logging.enable_progress_bar()
     log.info("prepared %s in %.1f s", dest, time.perf_counter() - t0)
     return dest
 

@@ -169,3 +169,48 @@ def test_unknown_name_and_cli_listing(model_dir: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "mixtrain", "models", "fetch", "no-such-model"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "not a known name" in bad.stderr
+
+
+def test_lora_steps_export_reload_same_dev_loss(model_dir: Path, tmp_path: Path) -> None:
+    """A few LoRA steps of ``mixtrain train`` on the real model through its chat template; the
+    exported (merged) model, reloaded by plain transformers with its saved tokenizer, gives the
+    dev losses and the step-0 / final accuracy records the run logged."""
+    import json
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from mixtrain.data import encode_domains, load_domains
+
+    out = tmp_path / "run"
+    cfg = {
+        "model": {"name_or_path": NAME, "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                                                 "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"builtin": ["addition_1", "lego_1"], "builtin_size": 40, "dev_fraction": 0.1, "max_length": 96},
+        "mixing": {"policy": "uniform"},
+        "train": {"steps": 3, "micro_batch_size": 4, "lr": 2e-3, "warmup": 0, "eval_every": 3, "save_every": 0,
+                  "progress": False, "tensorboard": False, "seed": 0},
+        "eval": {"accuracy": True, "max_examples": 4, "at_start": True},
+        "output_dir": str(out),
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "mixtrain", "train", str(tmp_path / "c.yaml")],
+                       capture_output=True, text=True, check=False, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in recs] == [0, 1, 2, 3]
+    assert set(recs[0]["dev_accuracy"]) == set(recs[-1]["dev_accuracy"]) == {"addition_1", "lego_1"}
+    assert recs[-1]["dev_loss"]["addition_1"] < recs[0]["dev_loss"]["addition_1"]  # it learns
+    tok = load_tokenizer(str(out / "model"))  # the exported directory carries the real tokenizer
+    assert isinstance(tok, HFTokenizer) and tok.end_of_turn_id == tok.tok.convert_tokens_to_ids("<|im_end|>")
+    domains = load_domains(cfg["data"]["builtin"], {}, dev_fraction=0.1, builtin_size=40, builtin_seed=0)
+    enc = encode_domains(domains, tok, max_length=96)
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    for d in enc:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, lab in d.dev:
+                n = sum(1 for x in lab[1:] if x != IGNORE_INDEX)
+                total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab])).loss.item() * n
+                count += n
+        assert total / count == pytest.approx(recs[-1]["dev_loss"][d.name], rel=1e-4)
