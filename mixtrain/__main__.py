@@ -116,11 +116,28 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
+            _print_accuracy_change(summary["output_dir"])
             print(f"output: {summary['output_dir']} ({files})")
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _print_accuracy_change(run_dir: str) -> None:
+    """The first and last dev accuracy per domain of a finished run, when it has both."""
+    from .accuracy import accuracy_change
+    from .report import read_metrics
+
+    change = accuracy_change(read_metrics(run_dir))
+    if change is None:
+        return
+    first, last, acc = change
+    print(f"dev exact-match accuracy, step {first} -> step {last}:")
+    for name, (a, b) in acc.items():
+        print(f"  {name:<14} {100 * a:5.1f} % -> {100 * b:5.1f} %")
+    mean = [sum(v[i] for v in acc.values()) / max(1, len(acc)) for i in (0, 1)]
+    print(f"  {'mean':<14} {100 * mean[0]:5.1f} % -> {100 * mean[1]:5.1f} %")
 
 
 def _models(args: argparse.Namespace) -> int:

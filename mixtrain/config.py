@@ -423,8 +423,8 @@ def demo_config(output_dir: str = "runs/demo", *, tiny: bool = False) -> dict[st
     """Raw dict of the embedded demo.
 
     Default: SmolLM2-135M-Instruct (pretrained, its chat template) fine-tuned with LoRA on the
-    built-in short-answer skills (``addition``, ``lego``, ``math``) and ``code`` with the
-    Mixture-of-Skills policy, dev exact-match accuracy at step 0 and at the end. ``tiny``: the
+    built-in short-answer skills (``addition_1..3``, ``lego_1..5``, ``math``) with the
+    Mixture-of-Skills policy, dev loss and exact-match accuracy at step 0 and at the end. ``tiny``: the
     20-second variant, a tiny Llama from random weights with the byte tokenizer on the whole
     built-in corpus.
     """
@@ -434,20 +434,20 @@ def demo_config(output_dir: str = "runs/demo", *, tiny: bool = False) -> dict[st
         "model": {"name_or_path": DEMO_MODEL,
                   "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": list(LORA_ALL_LINEARS)}},
         "data": {
-            "builtin": ["addition", "lego", "math", "code"],
+            "builtin": ["addition", "lego", "math"],
             "max_length": 256,
-            "builtin_size": {"addition": 220, "lego": 220, "math": 220, "code": 400},
+            "builtin_size": 200,
             "dev_fraction": 0.1,
-            "max_dev_examples": 16,
+            "max_dev_examples": 12,
         },
-        # the released scorer (lr 1e-4, updates every 100 steps) barely moves in 60 steps: a
+        # the released scorer (lr 1e-4, updates every 100 steps) barely moves in 48 steps: a
         # larger scorer lr makes the demo's mixture visibly follow the rewards
-        "mixing": {"policy": "mos", "update_every": 15,
+        "mixing": {"policy": "mos", "update_every": 12,
                    "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 8,
                               "diff_examples": 4, "scorer_lr": 3e-3}},
-        "train": {"steps": 60, "micro_batch_size": 8, "grad_accum": 1, "lr": 1e-3, "warmup": 5,
-                  "eval_every": 0, "log_every": 5, "save_every": 30, "seed": 0},
-        "eval": {"accuracy": True, "max_examples": 16, "batch_size": 48, "at_start": True},
+        "train": {"steps": 48, "micro_batch_size": 8, "grad_accum": 1, "lr": 2e-3, "warmup": 4,
+                  "eval_every": 48, "log_every": 4, "save_every": 24, "seed": 0},
+        "eval": {"accuracy": True, "max_examples": 12, "batch_size": 64, "at_start": True},
         "output_dir": output_dir,
     }
 
