@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary.get("interrupted"):
             from .faults import EXIT_PREEMPTED
 
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"stopped at step {summary['step']}; run the same command to resume", file=sys.stderr)
-            return EXIT_PREEMPTED
+            return EXIT_PREEMPTED  # the loop logged "stopped at step N; run the same command to resume"
         if int(os.environ.get("RANK", "0")) == 0:
             files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
             print(f"output: {summary['output_dir']} ({files})")

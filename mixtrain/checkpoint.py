@@ -279,9 +279,20 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _describe(e: OSError, default: Path) -> str:
-    where = e.filename if e.filename else default
-    return f"{where}: {e.strerror or e}"
+def _describe(e: BaseException, default: Path) -> str:
+    """``path: reason`` of a failed write. ``torch.save`` reports a full disk as a RuntimeError
+    ("file write failed"), sometimes with the OSError as its context: use the OSError when there
+    is one, else the message and the free space left."""
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(seen, OSError):
+        return f"{seen.filename or default}: {seen.strerror or seen}"
+    try:
+        free = f"; {shutil.disk_usage(default if default.exists() else default.parent).free} bytes free there"
+    except OSError:
+        free = ""
+    return f"{default}: {str(e).strip().splitlines()[0][:300]}{free}"
 
 
 def save_checkpoint(engine: Any, root: str | Path, step: int, state: dict[str, Any], *, rank: int,
@@ -312,7 +323,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, state: dict[str, A
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / f"rng-rank{rank}.safetensors"))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's "file write failed"
         err = err or _describe(e, tmp)
     errors = _gather_errors(err)
     if not errors and rank == 0:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import write_manifest
+from .checkpoint import _describe, write_manifest
 from .data.tokenizer import BYTE_TOKENIZER_FILE
 
 __all__ = ["ExportError", "export_model", "merged_state_dict", "unwrap_peft"]
@@ -123,9 +123,9 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, ran
         if rank == 0:
             try:
                 result = _write(model, tokenizer, out)
-            except OSError as e:
-                err[0] = f"could not export the model: {e.filename or out}: {e.strerror or e}; its partial files " \
-                    "were removed" + (", the previous export is intact" if (out / "model").is_dir() else "")
+            except (OSError, RuntimeError, _safetensors_error()) as e:  # a full disk, in any of its forms
+                err[0] = f"could not export the model: {_describe(e, out)}; its partial files were removed" + (
+                    ", the previous export is intact" if (out / "model").is_dir() else "")
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(err, src=0)
@@ -133,6 +133,15 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, ran
     if err[0] is not None:
         raise ExportError(err[0])
     return result
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+
+        return SafetensorError
+    except ImportError:
+        return OSError
 
 
 def _write(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:

@@ -70,7 +70,10 @@ class StopRequest:
     """Record SIGTERM/SIGINT instead of dying; the loop polls :attr:`requested` once per step.
 
     Use as a context manager (handlers are installed only in the main thread and restored on
-    exit). A second signal restores the default handlers and re-delivers itself.
+    exit). A second signal restores the default handlers and re-delivers itself. Once a stop was
+    requested, leaving the context ignores further SIGTERM/SIGINT instead: the process is on its
+    way out after its checkpoint, and a launcher that signals every rank when one exits (torchrun)
+    must not turn the documented exit code into a kill.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -108,7 +111,11 @@ class StopRequest:
         self._old.clear()
 
     def __exit__(self, *exc: object) -> None:
+        stopping = self.requested and bool(self._old)
         self.restore()
+        if stopping:
+            for s in self.SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
 
 
 class RankWatchdog:

@@ -551,7 +551,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
             collector.remove()
         metrics.close()
         why = "a stop signal" if interrupted == "signal" else f"train.time_limit={t.time_limit}"
-        log.warning("stopped at step %d (%s); run the same command to resume", step, why)
+        if info.is_main:
+            log.warning("stopped at step %d; run the same command to resume (%s)", step, why)
         if dist.is_initialized():
             dist.barrier()
         return {"step": step, "tokens": tokens, "input_tokens": input_tokens, "weights": sampler.weights.tolist(),
