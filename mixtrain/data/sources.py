@@ -9,15 +9,17 @@ Every record is normalised to ``(messages, plain_text)``:
 Files are untrusted: JSON only (``json.loads``), and every error is a :class:`DataError` naming
 the file, the line (or the record index of an HF dataset) and what was expected: bytes that are
 not UTF-8 (with their offset), a last line cut short, a wrong field type, an unknown role, an
-empty response. A line longer than :data:`MAX_LINE_BYTES` (64 MiB) is refused without reading
-it into memory: one record per line is expected, and a line that long is a broken file (or
-binary data) far more often than a real example, which ``data.max_length`` would cut anyway.
+empty response, text with an unpaired surrogate escape (``"\\ud800"``: no UTF-8 form). A line
+longer than :data:`MAX_LINE_BYTES` (16 MiB) is refused after reading at most that much of it: one
+record per line is expected, and a line that long is a broken file (or binary data) far more
+often than a real example, which ``data.max_length`` would cut anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +66,8 @@ class Domain:
 
 
 _ROLES = ("system", "user", "assistant", "tool")
-MAX_LINE_BYTES = 64 << 20
+MAX_LINE_BYTES = 16 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _kind(v: Any) -> str:
@@ -79,6 +82,10 @@ def _kind(v: Any) -> str:
 def _string(where: str, field_name: str, v: Any, *, non_empty: bool) -> str:
     if not isinstance(v, str):
         raise DataError(f"{where}: {field_name} must be a string, got {_kind(v)} {_short(v)}")
+    bad = _SURROGATE.search(v)
+    if bad:
+        raise DataError(f"{where}: {field_name} contains the unpaired surrogate \\u{ord(bad.group()):04x} at "
+                        f"character {bad.start()}; expected valid Unicode text")
     if non_empty and not v.strip():
         raise DataError(f"{where}: {field_name} is {'empty' if not v else 'only whitespace'}; expected text to "
                         "train on")
@@ -142,15 +149,26 @@ def _lines(f: Any, path: Path) -> Iterable[tuple[int, bytes, bool]]:
     after reading at most ``MAX_LINE_BYTES`` + 1 bytes of them."""
     lineno = 0
     while True:
-        line = f.readline(MAX_LINE_BYTES + 1)
-        if not line:
+        pieces: list[bytes] = []
+        size = 0
+        while True:  # in 1 MiB pieces, so an over-long line costs at most MAX_LINE_BYTES of memory
+            piece = f.readline(1 << 20)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+            if piece.endswith(b"\n") or size > MAX_LINE_BYTES:
+                break
+        if not pieces:
             return
         lineno += 1
-        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+        if size > MAX_LINE_BYTES:
             raise DataError(
                 f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; expected one JSON record per line "
                 "(is this a JSONL file? records that long would be cut to data.max_length anyway)"
             )
+        line = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
         ended = line.endswith(b"\n")
         yield lineno, line.rstrip(b"\r\n") if ended else line, ended
 
