@@ -453,8 +453,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r}: byte {e.start} is not UTF-8 ({e.reason}); save it as "
-                          "UTF-8 text") from None
+        raise ConfigError(f"config file {str(p)!r}: byte at offset {e.start} (0x{e.object[e.start]:02x}) is not "
+                          f"UTF-8 ({e.reason}); save it as UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
     try:

@@ -65,9 +65,11 @@ def _import_all() -> None:
 
 
 def available() -> list[str]:
-    """Every registered policy name, the lazily registered ones (one file each) included, sorted."""
+    """Every registered policy name, the lazily registered ones (one file each) included, sorted;
+    names starting with ``_`` (private, e.g. test probes) still work with :func:`get` but are not
+    listed."""
     _import_all()
-    return sorted(_REGISTRY)
+    return sorted(n for n in _REGISTRY if not n.startswith("_"))
 
 
 @dataclass(frozen=True)
