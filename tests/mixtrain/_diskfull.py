@@ -58,9 +58,9 @@ def _hit(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and _state["marker"] in os.fspath(path)
 
 
-def install(marker: str, budget: int) -> None:
+def install(marker: str, budget: int) -> Any:
     """Patch ``open``, ``torch.save`` and safetensors ``save_file`` (also where transformers
-    imported it) for paths containing ``marker``."""
+    imported it) for paths containing ``marker``; returns a function that undoes the patches."""
     import safetensors.torch
     import torch
 
@@ -95,9 +95,18 @@ def install(marker: str, budget: int) -> None:
         return None
 
     safetensors.torch.save_file = fake_save_file
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("transformers") and getattr(mod, "safe_save_file", None) is real_file:
-            mod.safe_save_file = fake_save_file
+    patched = [m for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("transformers")
+               and getattr(m, "safe_save_file", None) is real_file]
+    for mod in patched:
+        mod.safe_save_file = fake_save_file
+
+    def undo() -> None:
+        builtins.open, torch.save, safetensors.torch.save_file = real_open, real_save, real_file
+        for mod in patched:
+            mod.safe_save_file = real_file
+        _state.update(left=0, marker=None, hits=[])
+
+    return undo
 
 
 def hits() -> list[str]:
