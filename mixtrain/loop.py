@@ -202,6 +202,17 @@ def _choose_resume(cfg: Config, ckpt_root: Path, is_main: bool) -> Path | None:
     return None if pick[0] is None else Path(pick[0])
 
 
+def _looks_distributed(e: BaseException) -> bool:
+    """A failed collective (gloo reports a dead peer as a plain RuntimeError from its transport)."""
+    if isinstance(e, CheckpointError) or type(e).__name__ == "ExportError":
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "timed out"))
+
+
 def _agree_stop(code: int) -> int:
     """The largest stop code of all ranks (0: continue), so every rank stops at the same step."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -229,8 +240,8 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         with StopRequest() as stopper:
             return _train(cfg, info, stopper, deadline)
-    except RuntimeError:
-        if watchdog is not None:  # a collective failed because a peer died: let the watchdog name it
+    except RuntimeError as e:
+        if watchdog is not None and _looks_distributed(e):  # a peer died mid-collective: let the watchdog name it
             watchdog.join_verdict()
         raise
     finally:
