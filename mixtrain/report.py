@@ -70,7 +70,7 @@ def make_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     names = list(recs[-1]["weights"])
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     colors = [cmap(i % cmap.N) for i in range(len(names))]
-    has_acc = any(isinstance(r.get("dev_accuracy"), dict) for r in recs)  # issue 9: accuracy panel
+    has_acc = any(isinstance(r.get("dev_accuracy"), dict) for r in recs)  # the accuracy panel
     fig, axes = plt.subplots(2, 3 if has_acc else 2, figsize=(20 if has_acc else 14, 9))
     ax = axes[0, 0]
     s, w = _series(recs, "step_weights" if "step_weights" in recs[-1] else "weights", names)
@@ -103,7 +103,7 @@ def make_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     ax.set_xticks(x, names, rotation=45, ha="right")
     ax.set(title="realised vs target sample fractions", ylabel="fraction")
     ax.legend(loc="upper right", fontsize=8)
-    if has_acc:  # issue 9
+    if has_acc:
         from .accuracy import plot_accuracy
 
         plot_accuracy(axes[0, 2], recs)
