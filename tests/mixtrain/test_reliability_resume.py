@@ -28,6 +28,9 @@ from mixtrain.__main__ import main as cli
 from mixtrain.faults import EXIT_PREEMPTED
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
