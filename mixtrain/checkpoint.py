@@ -344,7 +344,9 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, state: dict[str, A
             + (f", the previous checkpoint(s) {', '.join(prev)} are intact" if prev else "")
         )
     if rank == 0:
-        for _, old in list_checkpoints(root)[:-keep]:
+        # only checkpoints up to this step count: a newer one (left by an earlier attempt, perhaps the
+        # corrupt one resume fell back from) must not push the good older ones out
+        for _, old in [c for c in list_checkpoints(root) if c[0] <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

@@ -98,6 +98,17 @@ def test_fallback_to_the_newest_checkpoint_that_verifies(tmp_path, caplog):
     assert msg.startswith(f"checkpoint {root / 'step-00000006'} is unusable: {root / 'step-00000006'}/mixtrain_state")
 
 
+def test_pruning_after_a_fallback_keeps_the_good_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (4, 6):
+        _save(root, s, seed=s, keep=1)
+    assert [p.name for p in root.iterdir()] == ["step-00000006"]
+    (root / "step-00000006" / "mixtrain_state.json").write_bytes(b"\xbe")
+    _save(root, 5, keep=1)  # resumed from an older checkpoint, saving again below the corrupt one
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000005", "step-00000006"]
+    assert find_resumable(root)[0] == root / "step-00000005"
+
+
 def test_no_checkpoint_verifies_one_error_lists_every_try(tmp_path):
     root = tmp_path / "checkpoints"
     for s in (2, 4):

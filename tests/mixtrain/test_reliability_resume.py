@@ -27,7 +27,6 @@ from test_loop import REPO, _config, _env, _metrics, _train
 from mixtrain.__main__ import main as cli
 from mixtrain.faults import EXIT_PREEMPTED
 
-
 pytestmark = pytest.mark.slow
 
 
