@@ -100,7 +100,7 @@ def _summary(cls: type) -> str:
         title = re.sub(r"^``[^`]+``:\s*", "", " ".join(mod.split()))
         title = title.split(" (")[0].split(". ")[0].rstrip(".")
         if title:
-            return title
+            return title[0].upper() + title[1:]
     return first
 
 
