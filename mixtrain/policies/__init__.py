@@ -100,8 +100,8 @@ def _summary(cls: type) -> str:
         title = re.sub(r"^``[^`]+``:\s*", "", " ".join(mod.split()))
         title = title.split(" (")[0].split(". ")[0].rstrip(".")
         if title:
-            return title[0].upper() + title[1:]
-    return first
+            return (title[0].upper() + title[1:]).replace("``", "")
+    return first.replace("``", "")
 
 
 def describe() -> list[PolicyInfo]:
