@@ -25,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
-    p = sub.add_parser("demo", help="the embedded default: tiny Llama, built-in corpus")
+    p = sub.add_parser("demo", help="the embedded default: SmolLM2-135M-Instruct + LoRA on built-in skills")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--tiny", action="store_true", help="the 20-second variant: a tiny random-init Llama")
+    p = sub.add_parser("models", help="known pretrained models: list them, or fetch + convert one into the cache")
+    p.add_argument("action", nargs="?", choices=["list", "fetch", "path"], default="list")
+    p.add_argument("names", nargs="*", help="model names or .gguf paths (fetch / path)")
+    p.add_argument("--force", action="store_true", help="fetch: convert again even when cached")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
     p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
 
     try:
+        if args.cmd == "models":
+            return _models(args)
         if args.cmd == "report":
             from .report import make_report
 
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
         else:
-            cfg = from_dict(apply_overrides(demo_config(), args.overrides))
+            cfg = from_dict(apply_overrides(demo_config(tiny=args.tiny), args.overrides))
         from .loop import train
 
         summary = train(cfg)
@@ -178,6 +185,32 @@ def _print_policies() -> None:
             print(f"    signals: {', '.join(info.signals)}")
         for name, default, ann, required in info.params:
             print(f"    {name}: {ann} = {'(required)' if required else repr(default)}")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """``models [list]``: a table; ``models fetch NAME...``: prepare into the cache;
+    ``models path NAME``: print the prepared directory."""
+    import logging
+
+    from .models import cache_root, list_models, prepare_model
+
+    if args.action == "list":
+        if args.names:
+            print("error: `models list` takes no names", file=sys.stderr)
+            return 2
+        print(f"cache: {cache_root()} (MIXTRAIN_HOME)")
+        for row in list_models():
+            state = f"cached: {row['cached']}" if row["cached"] else "not cached (python -m mixtrain models fetch NAME)"
+            print(f"{row['name']}\n  {row['description']}\n  from {row['origin']}, license {row['license']}\n  {state}")
+        return 0
+    if not args.names:
+        print(f"error: `models {args.action}` needs at least one model name or .gguf path", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+    for name in args.names:
+        path = prepare_model(name, force=args.force) if args.action == "fetch" else prepare_model(name)
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -453,6 +453,11 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     win_time, win_policy_time, win_steps = 0.0, 0.0, 0
     last_dev: np.ndarray | None = None
     stopped = False
+    if step == 0 and cfg.eval.at_start:  # the starting model's scores, as a step-0 record
+        rec0: dict[str, Any] = {"step": 0, "dev_loss": dict(zip(names, map(float, run_dev())))}
+        if acc_eval is not None:
+            rec0["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
+        metrics.write(rec0)
     interrupted: str | None = None
     slowest_step = 0.0
     while step < t.steps:
