@@ -34,10 +34,12 @@ SCHEMAS: dict[str, str] = {
     # linear_cross_entropy. reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
     # reduction != none) the forward also returns the gradients of `loss` for upstream grad 1;
     # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
+    # weight_grad=False (neither weight nor bias needs a gradient: a frozen LM head under LoRA)
+    # skips the weight-gradient GEMM; grad_weight and grad_bias are then empty.
     "linear_ce": (
         "linear_ce(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward": (
         "linear_ce_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
@@ -46,7 +48,7 @@ SCHEMAS: dict[str, str] = {
     "linear_ce_triton": (
         "linear_ce_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward_triton": (
         "linear_ce_backward_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
