@@ -83,7 +83,7 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                              int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                             int64_t chunk_size, bool compute_grad, const CeKernels& k) {
+                             int64_t chunk_size, bool compute_grad, bool weight_grad, const CeKernels& k) {
   check_linear(hidden, weight, labels, bias);
   check_groups(group_ids, num_groups, hidden.size(0), hidden);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "mixkernels.linear_cross_entropy: reduction code must be 0 (none), ",
@@ -99,6 +99,7 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
   const at::Tensor scale =
       reduction == 2 ? valid.sum().clamp_min(1).to(acc).reciprocal() : at::ones({}, fopt);
   const bool grads = compute_grad && reduction != 0;
+  const bool wgrad = grads && weight_grad;  // a frozen head needs no [V, d] accumulator nor its GEMM
 
   at::Tensor token_loss = at::empty({n}, fopt);
   at::Tensor lse = at::empty({n}, fopt);
@@ -110,8 +111,8 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
   const at::Tensor bg = bias.has_value() ? bias->to(gemm) : at::Tensor();
   const at::Tensor coef = grads ? at::where(valid, scale, at::zeros({}, fopt)) : at::Tensor();
   at::Tensor grad_hidden = grads ? at::empty({n, d}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor gw_acc = grads ? at::zeros({v, d}, fopt) : at::Tensor();
-  at::Tensor gb_acc = grads && bias.has_value() ? at::zeros({v}, fopt) : at::Tensor();
+  at::Tensor gw_acc = wgrad ? at::zeros({v, d}, fopt) : at::Tensor();
+  at::Tensor gb_acc = wgrad && bias.has_value() ? at::zeros({v}, fopt) : at::Tensor();
 
   for (int64_t lo = 0; lo < n; lo += chunk_size) {
     const int64_t r = std::min(chunk_size, n - lo);
@@ -133,6 +134,7 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
     } else {
       gh_c.copy_(at::mm(dz, wg));
     }
+    if (!wgrad) continue;
     if (gemm == acc) {
       gw_acc.addmm_(dz.t(), hc);
     } else {
@@ -143,7 +145,7 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
 
   at::Tensor loss = reduction == 0 ? token_loss : token_loss.sum().mul_(scale);
   at::Tensor token_out = reduction == 0 ? at::empty({0}, fopt) : token_loss;
-  at::Tensor grad_weight = grads ? gw_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  at::Tensor grad_weight = wgrad ? gw_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor grad_bias = gb_acc.defined() ? gb_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
   return {loss, token_out, lse, group_acc.to(acc), group_cnt, grad_hidden, grad_weight, grad_bias};
 }
@@ -493,9 +495,9 @@ constexpr CeKernels kCpuKernels{&forward_cpu, &grad_cpu, /*gemm_in_input_dtype=*
 LinearCeOut linear_ce_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                           int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                          int64_t chunk_size, bool compute_grad) {
+                          int64_t chunk_size, bool compute_grad, bool weight_grad) {
   return linear_ce_driver(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing,
-                          reduction, chunk_size, compute_grad, kCpuKernels);
+                          reduction, chunk_size, compute_grad, weight_grad, kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_cpu(

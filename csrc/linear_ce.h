@@ -92,7 +92,7 @@ using CeOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                              int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                             int64_t chunk_size, bool compute_grad, const CeKernels& k);
+                             int64_t chunk_size, bool compute_grad, bool weight_grad, const CeKernels& k);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_driver(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,

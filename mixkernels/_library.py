@@ -31,13 +31,15 @@ SCHEMAS: dict[str, str] = {
         "segment_sum_triton(Tensor values, Tensor segment_ids, int num_segments, Tensor? mask=None) "
         "-> (Tensor, Tensor)"
     ),
-    # linear_cross_entropy (issue 3). reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
+    # linear_cross_entropy. reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
     # reduction != none) the forward also returns the gradients of `loss` for upstream grad 1;
     # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
+    # weight_grad=False (neither weight nor bias needs a gradient: a frozen LM head under LoRA)
+    # skips the weight-gradient GEMM; grad_weight and grad_bias are then empty.
     "linear_ce": (
         "linear_ce(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward": (
         "linear_ce_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
@@ -46,7 +48,7 @@ SCHEMAS: dict[str, str] = {
     "linear_ce_triton": (
         "linear_ce_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward_triton": (
         "linear_ce_backward_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
@@ -84,13 +86,13 @@ SCHEMAS: dict[str, str] = {
         "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
         "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
     ),
-    # project / lift (issue 5): on-the-fly counter-hash random projections; one OpInfo ("project")
+    # project / lift: on-the-fly counter-hash random projections; one OpInfo ("project")
     # chooses the backend of both, since each is the other's gradient.
     "project": "project(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "project_triton": "project_triton(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "lift": "lift(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "lift_triton": "lift_triton(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
-    # factored_sketch (issue 5): per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
+    # factored_sketch: per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
     "factored_sketch": "factored_sketch(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor",
     "factored_sketch_triton": (
         "factored_sketch_triton(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor"

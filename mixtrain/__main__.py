@@ -1,8 +1,14 @@
 """``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
-compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] |
-upcycle MODEL --experts E --top-k K --out DIR}``."""
+compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] | verify OUTPUT_DIR | policies |
+upcycle MODEL --experts E --top-k K --out DIR}``.
+
+Exit codes: 0 done; 1 a run or a check failed (``verify`` found a bad file, a checkpoint or an
+export could not be written); 2 bad config or data (the message names the key or the file and
+line); 69 another rank stopped responding; 75 stopped by SIGTERM/SIGINT or ``train.time_limit``
+after writing a checkpoint (run the same command to continue); 130 ``compare`` interrupted.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
-    p = sub.add_parser("demo", help="the embedded default: tiny Llama, built-in corpus")
+    p = sub.add_parser("demo", help="the embedded default: SmolLM2-135M-Instruct + LoRA on built-in skills")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--tiny", action="store_true", help="the 20-second variant: a tiny random-init Llama")
+    p = sub.add_parser("models", help="known pretrained models: list them, or fetch + convert one into the cache")
+    p.add_argument("action", nargs="?", choices=["list", "fetch", "path"], default="list")
+    p.add_argument("names", nargs="*", help="model names or .gguf paths (fetch / path)")
+    p.add_argument("--force", action="store_true", help="fetch: convert again even when cached")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
     p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
@@ -35,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
-    # ---- issue 9: compare ------------------------------------------------------------------
     p = sub.add_parser("compare", help="one run per policy x seed, then comparison.md/.png vs baselines")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
@@ -49,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="test that marks a difference significant (default ttest: paired t over seeds)")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level, Holm-corrected (default 0.05)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over dev examples (default 10000)")
-    # ---- end issue 9 ----------------------------------------------------------------------
     p = sub.add_parser("upcycle", help="a Mixtral MoE from a dense Llama-family model (LLaMA-MoE neuron split)")
     p.add_argument("model", help="local HF model directory (or a known model name)")
     p.add_argument("--experts", type=int, required=True, help="experts per layer (divides intermediate_size)")
@@ -60,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=None, help="expert output scale (default: experts)")
     p.add_argument("--gap-rows", type=int, default=8, help="dev rows per built-in domain for the step-0 loss gap")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = sub.add_parser("verify", help="check every checkpoint and the exported model against their manifests")
+    p.add_argument("output_dir")
+    sub.add_parser("policies", help="list the mixing policies: name, description, parameters with defaults")
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     local = [a for a in extra if a.startswith(("--local_rank=", "--local-rank="))]
     for a in local:
         os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
     extra = [a for a in extra if a not in local]
-    if extra:  # issue 9: `compare` accepts section.key=value overrides after its options too
+    if extra:  # `compare` accepts section.key=value overrides after its options too
         if args.cmd != "compare" or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
 
     try:
+        if args.cmd == "models":
+            return _models(args)
         if args.cmd == "report":
             from .report import make_report
 
@@ -99,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(format_validation(run_validate(cfg)))
             return 0
-        if args.cmd == "compare":  # issue 9
+        if args.cmd == "verify":
+            return _verify(args.output_dir)
+        if args.cmd == "policies":
+            _print_policies()
+            return 0
+        if args.cmd == "compare":
             import logging
 
             from .compare import run_compare
@@ -135,17 +154,110 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
         else:
-            cfg = from_dict(apply_overrides(demo_config(), args.overrides))
+            cfg = from_dict(apply_overrides(demo_config(tiny=args.tiny), args.overrides))
         from .loop import train
 
         summary = train(cfg)
+        if summary.get("interrupted"):
+            from .faults import EXIT_PREEMPTED
+
+            return EXIT_PREEMPTED  # the loop logged "stopped at step N; run the same command to resume"
         if int(os.environ.get("RANK", "0")) == 0:
             files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
+            _print_accuracy_change(summary["output_dir"])
             print(f"output: {summary['output_dir']} ({files})")
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .checkpoint import CheckpointError
+        from .export import ExportError
+
+        if isinstance(e, (CheckpointError, ExportError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _verify(output_dir: str) -> int:
+    """``verify``: one line per checkpoint / export; 1 when any is bad, 2 when there is nothing."""
+    from pathlib import Path
+
+    from .checkpoint import verify_output
+
+    if not Path(output_dir).is_dir():
+        print(f"error: {output_dir!r} is not a directory", file=sys.stderr)
+        return 2
+    res = verify_output(output_dir)
+    if not res:
+        print(f"error: no checkpoints and no exported model under {output_dir!r}", file=sys.stderr)
+        return 2
+    bad = 0
+    for label, v in res:
+        if v.verified:
+            print(f"ok          {label} ({v.files} files, {v.size} bytes, sha256 match)")
+        elif v.ok:
+            print(f"unverified  {label}: {v.problem}")
+        else:
+            bad += 1
+            print(f"BAD         {label}: {v.problem}")
+    print(f"{len(res) - bad} of {len(res)} usable" + (f"; {bad} bad" if bad else ""))
+    return 1 if bad else 0
+
+
+def _print_policies() -> None:
+    """``policies``: name, one-line description, ``mixing.params`` with defaults."""
+    from .policies import describe
+
+    for info in describe():
+        print(f"{info.name}: {info.description}")
+        if info.signals:
+            print(f"    signals: {', '.join(info.signals)}")
+        for name, default, ann, required in info.params:
+            print(f"    {name}: {ann} = {'(required)' if required else repr(default)}")
+
+
+def _print_accuracy_change(run_dir: str) -> None:
+    """The first and last dev accuracy per domain of a finished run, when it has both."""
+    from .accuracy import accuracy_change
+    from .report import read_metrics
+
+    change = accuracy_change(read_metrics(run_dir))
+    if change is None:
+        return
+    first, last, acc = change
+    print(f"dev exact-match accuracy, step {first} -> step {last}:")
+    for name, (a, b) in acc.items():
+        print(f"  {name:<14} {100 * a:5.1f} % -> {100 * b:5.1f} %")
+    mean = [sum(v[i] for v in acc.values()) / max(1, len(acc)) for i in (0, 1)]
+    print(f"  {'mean':<14} {100 * mean[0]:5.1f} % -> {100 * mean[1]:5.1f} %")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """``models [list]``: a table; ``models fetch NAME...``: prepare into the cache;
+    ``models path NAME``: print the prepared directory."""
+    import logging
+
+    from .models import cache_root, list_models, prepare_model
+
+    if args.action == "list":
+        if args.names:
+            print("error: `models list` takes no names", file=sys.stderr)
+            return 2
+        print(f"cache: {cache_root()} (MIXTRAIN_HOME)")
+        for row in list_models():
+            state = f"cached: {row['cached']}" if row["cached"] else "not cached (python -m mixtrain models fetch NAME)"
+            print(f"{row['name']}\n  {row['description']}\n  from {row['origin']}, license {row['license']}\n  {state}")
+        return 0
+    if not args.names:
+        print(f"error: `models {args.action}` needs at least one model name or .gguf path", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+    for name in args.names:
+        path = prepare_model(name, force=args.force) if args.action == "fetch" else prepare_model(name)
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Which domains are scored
 How an example is scored
     1. The dev row ``(input_ids, labels)`` is split at the first trained label: everything before
        it is the prompt (including the chat template up to the assistant header), the trained
-       tokens without the final end-of-sequence token are the gold response.
+       tokens without the final end-of-turn token (the chat template's, e.g. ``<|im_end|>``; else end-of-sequence) are the gold response.
     2. The model continues the prompt by greedy decoding (argmax, KV cache, batched with left
        padding; HF ``generate(do_sample=False)``) for at most ``max_new_tokens`` tokens
-       (default: the longest gold response of the domain + 8), stopping at end-of-sequence.
+       (default: the longest gold response of the domain + 8), stopping at that end-of-turn token.
     3. The same answer rule is applied to the decoded continuation and to the gold response;
        the example is correct iff the rule finds an answer in both and they are equal.
        Rows whose gold response yields no answer (e.g. cut by ``data.max_length``) are skipped
@@ -48,10 +48,12 @@ __all__ = [
     "ANSWER_RULES",
     "AccuracyEvaluator",
     "AccuracyExample",
+    "accuracy_change",
     "answer_rule",
     "build_examples",
     "extract_answer",
     "hf_greedy_generate",
+    "plot_accuracy_change",
     "score_predictions",
 ]
 
@@ -113,6 +115,12 @@ class AccuracyExample:
     index: int = -1
 
 
+def _end_of_turn(tokenizer: Any) -> int:
+    """The token that ends a reply: the chat template's end-of-turn (``<|im_end|>`` for ChatML),
+    else end-of-sequence."""
+    return int(getattr(tokenizer, "end_of_turn_id", tokenizer.eos_token_id))
+
+
 def split_prompt_response(ids: Sequence[int], labels: Sequence[int], eos_token_id: int
                           ) -> tuple[list[int], list[int]] | None:
     """``(prompt, response)`` of a tokenised row: prompt = tokens before the first trained label,
@@ -158,7 +166,7 @@ def build_examples(domains: Sequence[Any], tokenizer: Any, *, only: Sequence[str
         if rule is None:
             continue
         for row, (ids, labels) in enumerate(d.dev[:max_examples]):
-            pr = split_prompt_response(ids, labels, tokenizer.eos_token_id)
+            pr = split_prompt_response(ids, labels, _end_of_turn(tokenizer))
             gold = None if pr is None else tokenizer.decode(pr[1])
             ans = None if gold is None else extract_answer(rule, gold)
             if ans is None:
@@ -254,15 +262,21 @@ class AccuracyEvaluator:
         return max(e.gold_len for e in self.examples if e.domain == domain) + 8
 
     def __call__(self, generate: GenerateFn) -> dict[str, float]:
-        """``{domain: exact-match accuracy}`` over all ranks' rows (per example: :meth:`per_example`)."""
+        """``{domain: exact-match accuracy}`` over all ranks' rows (per example: :meth:`per_example`).
+
+        Rows of all domains are decoded together, ordered by decoding budget then prompt length
+        (fewer batches, little padding); each continuation is cut to its own domain's budget, so
+        the result is that of decoding every domain on its own."""
         correct = torch.zeros(len(self.examples), dtype=torch.float64)  # each row decoded by one rank
-        for dom in self.domains:
-            pos = [i for i, e in zip(self._mine_pos, self.mine) if e.domain == dom]
-            for s in range(0, len(pos), self.batch_size):
-                chunk = [self.examples[i] for i in pos[s: s + self.batch_size]]
-                conts = generate([list(e.prompt_ids) for e in chunk], self.budget(dom))
-                for i, e, c in zip(pos[s: s + self.batch_size], chunk, conts):
-                    correct[i] = float(extract_answer(e.rule, self._text(c)) == e.gold_answer)
+        order = sorted(self._mine_pos, key=lambda i: (self.budget(self.examples[i].domain),
+                                                      len(self.examples[i].prompt_ids)))
+        for s in range(0, len(order), self.batch_size):
+            pos = order[s: s + self.batch_size]
+            chunk = [self.examples[i] for i in pos]
+            budgets = [self.budget(e.domain) for e in chunk]
+            conts = generate([list(e.prompt_ids) for e in chunk], max(budgets))
+            for i, e, c, b in zip(pos, chunk, conts, budgets):
+                correct[i] = float(extract_answer(e.rule, self._text(c[:b])) == e.gold_answer)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -291,7 +305,7 @@ class AccuracyEvaluator:
 
     def _text(self, ids: Sequence[int]) -> str:
         ids = list(ids)
-        eos = self.tokenizer.eos_token_id
+        eos = _end_of_turn(self.tokenizer)
         if eos in ids:
             ids = ids[: ids.index(eos)]
         return self.tokenizer.decode(ids)
@@ -304,7 +318,7 @@ class AccuracyEvaluator:
         was_training = model.training
         model.eval()
         gen = hf_greedy_generate(model, pad_token_id=self.tokenizer.pad_token_id,
-                                 eos_token_id=self.tokenizer.eos_token_id, device=device)
+                                 eos_token_id=_end_of_turn(self.tokenizer), device=device)
         try:
             if gather_zero3:
                 import deepspeed
@@ -330,4 +344,33 @@ def plot_accuracy(ax: Any, records: Sequence[dict[str, Any]]) -> bool:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=n)
     ax.set(title="dev exact-match accuracy (greedy)", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="best")
+    return True
+
+
+def accuracy_change(records: Sequence[dict[str, Any]]) -> tuple[int, int, dict[str, tuple[float, float]]] | None:
+    """``(first_step, last_step, {domain: (first, last)})`` of the first and last ``dev_accuracy``
+    records (the first is step 0 with ``eval.at_start``); ``None`` with fewer than two."""
+    rows = [r for r in records if isinstance(r.get("dev_accuracy"), dict)]
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
+    both = {n: (float(a["dev_accuracy"][n]), float(b["dev_accuracy"][n])) for n in b["dev_accuracy"]
+            if a["dev_accuracy"].get(n) is not None and b["dev_accuracy"].get(n) is not None}
+    return int(a["step"]), int(b["step"]), both
+
+
+def plot_accuracy_change(ax: Any, records: Sequence[dict[str, Any]]) -> bool:
+    """Bars of dev accuracy per domain at the first and the last evaluation; ``False`` if fewer
+    than two evaluations."""
+    change = accuracy_change(records)
+    if change is None:
+        return False
+    first, last, acc = change
+    names = list(acc)
+    x = list(range(len(names)))
+    ax.bar([i - 0.2 for i in x], [acc[n][0] for n in names], 0.4, color="0.65", label=f"step {first}")
+    ax.bar([i + 0.2 for i in x], [acc[n][1] for n in names], 0.4, color="tab:green", label=f"step {last}")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set(title="dev accuracy: first vs last evaluation", ylabel="accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="upper left")
     return True

@@ -55,8 +55,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed() -> DistInfo:
-    """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU)."""
+def init_distributed(timeout: float | None = None) -> DistInfo:
+    """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU).
+
+    ``timeout``: seconds a collective may wait for the other ranks (``train.dist_timeout``);
+    ``None`` keeps DeepSpeed's default (10 minutes).
+    """
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -68,7 +72,12 @@ def init_distributed() -> DistInfo:
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()),
             )
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+        kw: dict[str, Any] = {}
+        if timeout is not None:
+            from datetime import timedelta
+
+            kw["timeout"] = timedelta(seconds=float(timeout))
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False, **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -92,10 +101,17 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
         except ImportError:
             pass
     if m.name_or_path is not None:
+        from .models import ModelError, quiet_progress, resolve_model
+
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                m.name_or_path, local_files_only=True, torch_dtype=torch.float32, **kw
-            )
+            path = resolve_model(m.name_or_path)
+        except ModelError as e:
+            raise ConfigError(f"model.name_or_path: {e}") from None
+        try:
+            with quiet_progress():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=True, dtype=torch.float32, **kw
+                )
         except Exception as e:
             raise ConfigError(f"model.name_or_path: cannot load {m.name_or_path!r}: {e}") from e
     else:

@@ -65,11 +65,14 @@ class UpcycleError(ValueError):
 
 def _resolve(model: str) -> Path:
     try:
-        from .models import resolve_model  # known model names (e.g. smollm2-135m-instruct)
+        from .models import ModelError, resolve_model  # known model names (e.g. smollm2-135m-instruct)
     except ImportError:
         path = model
     else:
-        path = resolve_model(model)
+        try:
+            path = resolve_model(model)
+        except ModelError as e:
+            raise UpcycleError(f"upcycle: MODEL {model!r}: {e}") from None
     p = Path(path)
     if not (p / "config.json").is_file():
         raise UpcycleError(f"upcycle: MODEL {model!r} is not a local transformers model directory "

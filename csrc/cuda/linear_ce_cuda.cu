@@ -191,10 +191,10 @@ constexpr CeKernels kCudaKernels{&forward_cuda, &grad_cuda, /*gemm_in_input_dtyp
 LinearCeOut linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                            int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                           int64_t chunk_size, bool compute_grad) {
+                           int64_t chunk_size, bool compute_grad, bool weight_grad) {
   c10::cuda::CUDAGuard guard(hidden.device());
   return linear_ce_driver(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing,
-                          reduction, chunk_size, compute_grad, kCudaKernels);
+                          reduction, chunk_size, compute_grad, weight_grad, kCudaKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_cuda(

@@ -228,7 +228,9 @@ def linear_cross_entropy(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     compute_grad = needs_grad and red != 0
-    args = (h2, weight, y, bias, g, ng, ignore_index, float(label_smoothing), red, chunk, compute_grad)
+    # a frozen head (LoRA, frozen tied embeddings): no weight-gradient GEMM in the fused forward
+    weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    args = (h2, weight, y, bias, g, ng, ignore_index, float(label_smoothing), red, chunk, compute_grad, weight_grad)
     chosen = _backend.select(OP, hidden.device)
     if chosen == "cxx":
         outs = torch.ops.mixkernels.linear_ce(*args)
@@ -266,7 +268,7 @@ def _grad_token(labels: torch.Tensor, grad_loss: torch.Tensor, reduction: int, i
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, _g, _ng, ignore_index, label_smoothing, reduction, chunk, compute_grad = inputs
+    hidden, weight, labels, bias, _g, _ng, ignore_index, label_smoothing, reduction, chunk, compute_grad = inputs[:11]
     lse, grad_hidden, grad_weight, grad_bias = output[2], output[5], output[6], output[7]
     ctx.precomputed = bool(compute_grad) and reduction != 0
     ctx.options = (ignore_index, label_smoothing, reduction, chunk)
@@ -279,13 +281,16 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_loss, *_unused):
-        none = [None] * 11
+        none = [None] * 12
         if grad_loss is None:
             return tuple(none)
         ignore_index, label_smoothing, reduction, chunk = ctx.options
         if ctx.precomputed:
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             scale = grad_loss.reshape(())
+            if (ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])) and grad_weight.numel() == 0:
+                raise RuntimeError("mixkernels.linear_ce: called with weight_grad=False, but weight or bias "
+                                   "requires grad; pass weight_grad=True (linear_cross_entropy decides this itself)")
             none[0] = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
             none[1] = grad_weight * scale.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
             if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -322,7 +327,7 @@ class _ReferenceLinearCE(torch.autograd.Function):
 
 
 def _fake(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing, reduction, chunk,
-          compute_grad):
+          compute_grad, weight_grad=True):
     n, v = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": _reference.acc_dtype(hidden.dtype)}
     loss = hidden.new_empty((n,) if reduction == 0 else (), **f32)
@@ -333,8 +338,9 @@ def _fake(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, lab
     group_count = hidden.new_empty((g,), dtype=torch.int64)
     grads = compute_grad and reduction != 0
     grad_hidden = hidden.new_empty(hidden.shape if grads else (0,))
-    grad_weight = weight.new_empty(weight.shape if grads else (0,))
-    grad_bias = hidden.new_empty((v,) if grads and bias is not None else (0,), dtype=bias.dtype if bias is not None else hidden.dtype)
+    wgrad = grads and weight_grad
+    grad_weight = weight.new_empty(weight.shape if wgrad else (0,))
+    grad_bias = hidden.new_empty((v,) if wgrad and bias is not None else (0,), dtype=bias.dtype if bias is not None else hidden.dtype)
     return loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias
 
 

@@ -99,8 +99,10 @@ def linear_ce(
     reduction: int,
     chunk_size: int,
     compute_grad: bool,
+    weight_grad: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """Chunked forward; with ``compute_grad`` also the gradients of ``loss`` for upstream grad 1.
+    """Chunked forward; with ``compute_grad`` also the gradients of ``loss`` for upstream grad 1
+    (those of weight and bias only with ``weight_grad``).
 
     Returns ``(loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias)``:
     loss is [N] for reduction none, else a 0-dim fp32 tensor; token_loss/lse are fp32 [N];
@@ -112,13 +114,14 @@ def linear_ce(
     acc = acc_dtype(hidden.dtype)
     valid, scale = _token_scale(labels, ignore_index, reduction, acc)
     grads = compute_grad and reduction != REDUCTION_NONE
+    wgrad = grads and weight_grad
     w32 = weight.to(acc)
     b32 = bias.to(acc) if bias is not None else None
     token_loss = torch.zeros(n, dtype=acc, device=hidden.device)
     lse = torch.zeros(n, dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grads else hidden.new_zeros(0)
-    grad_w32 = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if grads else None
-    grad_b32 = torch.zeros(v, dtype=acc, device=hidden.device) if grads and bias is not None else None
+    grad_w32 = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if wgrad else None
+    grad_b32 = torch.zeros(v, dtype=acc, device=hidden.device) if wgrad and bias is not None else None
     step = max(1, int(chunk_size))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -132,13 +135,14 @@ def linear_ce(
         if grads:
             dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse_c, scale.expand(hi - lo), label_smoothing)
             grad_hidden[lo:hi] = (dz @ w32).to(hidden.dtype)
-            grad_w32.addmm_(dz.T, h)
+            if grad_w32 is not None:
+                grad_w32.addmm_(dz.T, h)
             if grad_b32 is not None:
                 grad_b32 += dz.sum(0)
     group_loss, group_count = _groups(token_loss, valid, group_ids, num_groups)
     loss = _reduce(token_loss, scale, reduction)
     # every output is a distinct tensor (custom ops may not return aliases of one another)
-    grad_weight = grad_w32.to(weight.dtype) if grads else weight.new_zeros(0)
+    grad_weight = grad_w32.to(weight.dtype) if grad_w32 is not None else weight.new_zeros(0)
     grad_bias = grad_b32.to(bias.dtype) if grad_b32 is not None else hidden.new_zeros(0)
     if reduction == REDUCTION_NONE:
         token_loss = token_loss.new_zeros(0)

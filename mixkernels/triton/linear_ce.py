@@ -130,7 +130,7 @@ def _logits(hc: torch.Tensor, wg: torch.Tensor, bg: torch.Tensor | None) -> torc
 
 
 def linear_ce(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing, reduction,
-              chunk_size, compute_grad):
+              chunk_size, compute_grad, weight_grad=True):
     """Same contract as ``mixkernels.reference.linear_ce.linear_ce``."""
     _check_dtype(hidden, "hidden")
     n, d = hidden.shape
@@ -141,6 +141,7 @@ def linear_ce(hidden, weight, labels, bias, group_ids, num_groups, ignore_index,
     valid = y != ignore_index
     scale = _scale(valid, reduction)
     grads = compute_grad and reduction != 0
+    wgrad = grads and weight_grad
     token_loss = torch.zeros(n, dtype=torch.float32, device=dev)
     lse = torch.zeros(n, dtype=torch.float32, device=dev)
     g = num_groups if group_ids is not None else 0
@@ -151,8 +152,8 @@ def linear_ce(hidden, weight, labels, bias, group_ids, num_groups, ignore_index,
     bg = bias.to(gemm) if bias is not None else None
     coef = torch.where(valid, scale, 0.0).contiguous() if grads else None
     grad_hidden = torch.empty_like(hidden) if grads else hidden.new_zeros(0)
-    gw = torch.zeros(v, d, dtype=torch.float32, device=dev) if grads else None
-    gb = torch.zeros(v, dtype=torch.float32, device=dev) if grads and bias is not None else None
+    gw = torch.zeros(v, d, dtype=torch.float32, device=dev) if wgrad else None
+    gb = torch.zeros(v, dtype=torch.float32, device=dev) if wgrad and bias is not None else None
     for lo in range(0, n, chunk_size):
         hi = min(n, lo + chunk_size)
         hc = hidden[lo:hi].to(gemm)
@@ -162,7 +163,8 @@ def linear_ce(hidden, weight, labels, bias, group_ids, num_groups, ignore_index,
         if grads:
             dz = z.to(gemm)
             grad_hidden[lo:hi] = dz @ wg
-            gw += (dz.T @ hc).float()
+            if gw is not None:
+                gw += (dz.T @ hc).float()
             if gb is not None:
                 gb += z.sum(0)
     loss = token_loss.clone() if reduction == 0 else token_loss.sum() * scale
@@ -170,7 +172,7 @@ def linear_ce(hidden, weight, labels, bias, group_ids, num_groups, ignore_index,
         loss,
         token_loss if reduction != 0 else token_loss.new_zeros(0),
         lse, gloss, gcount, grad_hidden,
-        gw.to(weight.dtype) if grads else weight.new_zeros(0),
+        gw.to(weight.dtype) if gw is not None else weight.new_zeros(0),
         gb.to(bias.dtype) if gb is not None else hidden.new_zeros(0),
     )
 

@@ -199,6 +199,27 @@ def test_grad_only_for_requested_inputs_and_no_grad_mode(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_skips_the_weight_gradient(backend, bias):
+    """A frozen LM head (LoRA, frozen tied embeddings): the fused forward computes only the hidden
+    gradient (no [V, d] accumulator, one GEMM less); that gradient equals the oracle's."""
+    h, w, b, y = make(bias=bias)
+    w.requires_grad_(False)
+    if b is not None:
+        b.requires_grad_(False)
+    out, gh, gw, gb = run(backend, h, w, y, b)
+    assert gw is None and gb is None
+    ref = oracle(h, w, y, b)
+    torch.testing.assert_close(out.loss.double(), ref[0], **TOL[torch.float32])
+    torch.testing.assert_close(gh.double(), ref[4], **TOL[torch.float32])
+    if backend == "cxx":  # the op itself returns empty weight/bias gradients
+        outs = torch.ops.mixkernels.linear_ce(h.detach(), w, y, b, None, 0, -100, 0.0, 2, 64, True, False)
+        assert outs[6].numel() == 0 and outs[7].numel() == 0 and outs[5].shape == h.shape
+        full = torch.ops.mixkernels.linear_ce(h.detach(), w, y, b, None, 0, -100, 0.0, 2, 64, True, True)
+        torch.testing.assert_close(outs[5], full[5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_upstream_scalar_is_applied(backend):
     # grads computed in the forward (mean) must be scaled by the actual upstream gradient
     h, w, _b, y = make()
@@ -235,6 +256,12 @@ def test_opcheck():
         for compute_grad in (False, True):
             args = (h, w, y, b, groups, 3, -100, 0.1, reduction, 4, compute_grad)
             torch.library.opcheck(torch.ops.mixkernels.linear_ce.default, args)
+    for reduction in (1, 2):  # a frozen head: no weight gradient
+        torch.library.opcheck(torch.ops.mixkernels.linear_ce.default,
+                              (h, w.detach(), y, b.detach(), groups, 3, -100, 0.1, reduction, 4, True, False))
+    out = torch.ops.mixkernels.linear_ce(h, w, y, b, groups, 3, -100, 0.1, 2, 4, True, False)[0]
+    with pytest.raises(RuntimeError, match="weight_grad=False, but weight or bias requires grad"):
+        out.backward()
     lse = torch.randn(13)
     torch.library.opcheck(torch.ops.mixkernels.linear_ce_backward.default,
                           (h.detach(), w.detach(), y, None, lse, torch.randn(13), -100, 0.0, 5))
