@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from .models import ModelError, quiet_progress, resolve_model
+
 __all__ = ["SUPPORTED_MODEL_TYPES", "UpcycleError", "loss_gap", "split_mlp", "upcycle"]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral")
@@ -65,14 +67,9 @@ class UpcycleError(ValueError):
 
 def _resolve(model: str) -> Path:
     try:
-        from .models import ModelError, resolve_model  # known model names (e.g. smollm2-135m-instruct)
-    except ImportError:
-        path = model
-    else:
-        try:
-            path = resolve_model(model)
-        except ModelError as e:
-            raise UpcycleError(f"upcycle: MODEL {model!r}: {e}") from None
+        path = resolve_model(model)  # known names (smollm2-135m-instruct) are prepared and cached
+    except ModelError as e:
+        raise UpcycleError(f"upcycle: MODEL {model!r}: {e}") from None
     p = Path(path)
     if not (p / "config.json").is_file():
         raise UpcycleError(f"upcycle: MODEL {model!r} is not a local transformers model directory "
@@ -290,7 +287,8 @@ def upcycle(model: str, *, experts: int, top_k: int, out: str | Path, seed: int 
     dense_cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
     _check_source(dense_cfg, experts)
     s = float(experts) if scale is None else float(scale)
-    dense = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
+    with quiet_progress():
+        dense = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
     mlps = _dense_mlps(dense)
     moe_cfg = _moe_config(dense_cfg, experts, top_k)
     sd = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
@@ -315,9 +313,7 @@ def upcycle(model: str, *, experts: int, top_k: int, out: str | Path, seed: int 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from .export import _quiet_save
-
-        with _quiet_save():
+        with quiet_progress():
             moe.save_pretrained(str(tmp), safe_serialization=True)
         kind = _save_tokenizer_files(src, tmp)
         _check_reload(tmp, moe)
@@ -348,9 +344,7 @@ def _check_reload(path: Path, moe: torch.nn.Module) -> None:
     """The written directory loads with ``AutoModelForCausalLM`` and computes what ``moe`` does."""
     from transformers import AutoModelForCausalLM
 
-    from .export import _quiet_save
-
-    with _quiet_save():
+    with quiet_progress():
         back = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
     ids = torch.arange(16).reshape(2, 8) % moe.config.vocab_size
     a, b = moe(input_ids=ids).logits, back(input_ids=ids).logits
