@@ -13,16 +13,25 @@
 Datasheet numbers are the vendors' published peaks (dense, i.e. without 2:4 sparsity), not
 measurements of ours. Nothing in this module has been run on a GPU by the project so far; the
 benches print the source of every peak they divide by.
+
+``BENCH_GPU_SMOKE=1`` runs the GPU modes' code on CPU at tiny sizes (``DEVICE`` is then ``cpu``,
+timing is wall-clock, there are no peaks and only the backends available on CPU run): the test
+suite does this so that the GPU modes cannot break unseen before a GPU is available.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+SMOKE = os.environ.get("BENCH_GPU_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
 
 # (substring of torch.cuda.get_device_name(), HBM GB/s, dense bf16 TFLOP/s, datasheet).
 # Ordered: the first matching substring wins, so specific variants precede the generic name.
@@ -77,6 +86,11 @@ def lookup(name: str) -> tuple[float, float, str] | None:
 
 def gpu_time(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 10) -> float:
     """Median seconds of ``fn()`` on the current CUDA stream, from CUDA events."""
+    if SMOKE:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -93,6 +107,9 @@ def gpu_time(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 10) -> flo
 
 def gpu_peak_mb(fn: Callable[[], Any]) -> float:
     """Peak device memory allocated while ``fn()`` runs, above what was allocated before, in MiB."""
+    if SMOKE:
+        fn()
+        return 0.0
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -125,6 +142,8 @@ def device_peaks(*, measure: bool = True, quick: bool = False) -> Peaks:
     ``measure`` also times the copy and matmul (the fallback, and a check of the table);
     ``quick`` uses a 256 MiB copy and a 4096^3 matmul instead of 1 GiB and 8192^3.
     """
+    if SMOKE:
+        return Peaks("cpu (BENCH_GPU_SMOKE)", 0.0, 0.0, "smoke run on CPU: no peaks")
     name = torch.cuda.get_device_name()
     hbm = flops = None
     if measure or lookup(name) is None:
@@ -143,5 +162,20 @@ def fraction(achieved: float, peak: float) -> float:
 
 def require_cuda(bench: str) -> None:
     """Exit with a clear message when ``--device cuda`` is asked for on a machine without one."""
-    if not torch.cuda.is_available():
+    if not SMOKE and not torch.cuda.is_available():
         raise SystemExit(f"{bench}: --device cuda needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+def backends(op: str, wanted: tuple[str, ...] = ("cxx", "triton")) -> tuple[str, ...]:
+    """The backends of ``wanted`` that run on ``DEVICE`` (all of them on a GPU machine; an explicit
+    backend that is unavailable there then fails loudly in the bench, as it should)."""
+    if not SMOKE:
+        return wanted
+    from mixkernels import _backend
+
+    return tuple(b for b in wanted if not _backend.unavailable_reason(op, DEVICE, b))
+
+
+def empty_cache() -> None:
+    if not SMOKE:
+        torch.cuda.empty_cache()

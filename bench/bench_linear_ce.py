@@ -148,18 +148,29 @@ TARGET_MEM_VS_EAGER = 1 / 8
 
 def gpu_main(quick: bool) -> None:
     """floor / eager / ours (cxx, triton) on CUDA in bf16, with FLOP/s vs the dense bf16 peak."""
-    from _gpu import device_peaks, fraction, gpu_peak_mb, gpu_time, require_cuda
+    from _gpu import (
+        DEVICE,
+        SMOKE,
+        backends,
+        device_peaks,
+        empty_cache,
+        fraction,
+        gpu_peak_mb,
+        gpu_time,
+        require_cuda,
+    )
 
     require_cuda("bench_linear_ce")
     peaks = device_peaks(quick=quick)
     print(peaks.describe())
     h = Harness("linear_ce_cuda")
-    cases = dict(list(GPU_CASES.items())[:1]) if quick else GPU_CASES
+    cases = {"N=64 d=16 V=301 bf16": (64, 16, 301, torch.bfloat16)} if SMOKE else (
+        dict(list(GPU_CASES.items())[:1]) if quick else GPU_CASES)
     repeat = 3 if quick else 10
     for i, (case, (n, d, v, dtype)) in enumerate(cases.items()):
         h_, w_, y_, g_ = make_inputs(n, d, v, torch.float32)
-        inputs = (h_.detach().to("cuda", dtype).requires_grad_(), w_.detach().to("cuda", dtype).requires_grad_(),
-                  y_.cuda(), g_.cuda())
+        inputs = (h_.detach().to(DEVICE, dtype).requires_grad_(), w_.detach().to(DEVICE, dtype).requires_grad_(),
+                  y_.to(DEVICE), g_.to(DEVICE))
         del h_, w_, y_, g_
         flops = 6 * n * d * v
         h32, w32, y, groups = inputs
@@ -173,7 +184,7 @@ def gpu_main(quick: bool) -> None:
             h.grad = w.grad = None
             tok = F.cross_entropy((h @ w.T).float(), y, reduction="none")
             valid = y != -100
-            sums = torch.zeros(GROUPS, device="cuda").index_add_(0, groups[valid], tok.detach()[valid])
+            sums = torch.zeros(GROUPS, device=DEVICE).index_add_(0, groups[valid], tok.detach()[valid])
             (tok.sum() / valid.sum()).backward()
             return sums
 
@@ -184,16 +195,21 @@ def gpu_main(quick: bool) -> None:
             out.loss.backward()
             return out.group_loss
 
+        def peak(fn, h=h32, w=w32):
+            h.grad = w.grad = None  # the previous run's gradients are not part of this one's peak
+            return gpu_peak_mb(fn)
+
         t_floor = gpu_time(floor_run, warmup=1, repeat=repeat)
         results = {}
-        for name, fn in (("eager (bf16 GEMM, fp32 logits)", eager_run),
-                         ("ours cxx", lambda: ours_run("cxx")), ("ours triton", lambda: ours_run("triton"))):
+        impls = [("eager (bf16 GEMM, fp32 logits)", eager_run)]
+        impls += [(f"ours {b}", lambda b=b: ours_run(b)) for b in backends("linear_ce")]
+        for name, fn in impls:
             try:
-                results[name] = (gpu_time(fn, warmup=1, repeat=repeat), gpu_peak_mb(fn), fn())
+                results[name] = (gpu_time(fn, warmup=1, repeat=repeat), peak(fn), fn())
             except torch.cuda.OutOfMemoryError as e:
                 results[name] = None
                 print(f"{case} {name}: out of memory ({str(e).splitlines()[0]})")
-            torch.cuda.empty_cache()
+            empty_cache()
         eager = results["eager (bf16 GEMM, fp32 logits)"]
         target = i == 0
         h.row(case=case, impl="3-GEMM floor (bf16)", seconds=t_floor, tflops=round(flops / t_floor / 1e12, 1),
@@ -213,7 +229,7 @@ def gpu_main(quick: bool) -> None:
                   target=(f"x_floor <= {TARGET_X_FLOOR}, mem_vs_eager <= 1/8" if target and is_ours else ""),
                   device=peaks.device)
         del inputs, h32, w32, y, groups
-        torch.cuda.empty_cache()
+        empty_cache()
         print(h.table(), flush=True)
     h.finish()
     print(f"peaks: {peaks.describe()}")

@@ -206,6 +206,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["mixtrain", "hf", "signals"])
     ap.add_argument("--tiny", action="store_true", help="smoke size")
+    ap.add_argument("--quick", action="store_true", help="the same as --tiny (bench/gpu_check.sh)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
@@ -218,6 +219,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved HF/mixtrain pairs; the median is reported")
     ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
     a = ap.parse_args()
+    a.tiny = a.tiny or a.quick
     if a.tiny:
         a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup, a.rounds = 32, 1, 208, 2, 1, 5, 2, 1
     if a.child:

@@ -49,18 +49,18 @@ TARGET_HBM_FRACTION = 0.70  # at N = 64M: a target, not a measurement
 
 def gpu_main(quick: bool) -> None:
     """cxx and triton on CUDA vs index_add_ + bincount on CUDA; bytes / time vs HBM bandwidth."""
-    from _gpu import device_peaks, fraction, gpu_peak_mb, gpu_time, require_cuda
+    from _gpu import DEVICE, SMOKE, backends, device_peaks, fraction, gpu_peak_mb, gpu_time, require_cuda
 
     require_cuda("bench_segment_sum")
     peaks = device_peaks(quick=quick)
     print(peaks.describe())
-    sizes = [(64 << 20, 16, 1)] if quick else [(1 << 20, 16, 1), (16 << 20, 16, 1), (64 << 20, 16, 1),
+    sizes = [(1 << 10, 16, 1)] if SMOKE else [(64 << 20, 16, 1)] if quick else [(1 << 20, 16, 1), (16 << 20, 16, 1), (64 << 20, 16, 1),
                                                 (64 << 20, 1024, 1), (16 << 20, 16, 8)]
     h = Harness("segment_sum_cuda")
     for n, s, c in sizes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        values = torch.randn((n,) if c == 1 else (n, c), generator=g, device="cuda")
-        ids = torch.randint(0, s, (n,), generator=g, device="cuda")
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        values = torch.randn((n,) if c == 1 else (n, c), generator=g, device=DEVICE)
+        ids = torch.randint(0, s, (n,), generator=g, device=DEVICE)
         moved = values.numel() * 4 + ids.numel() * 8 + s * c * 4 + s * 8  # read inputs, write outputs
         ref = baseline(values, ids, s)
         t_base = gpu_time(lambda v=values, i=ids, s=s: baseline(v, i, s))
@@ -68,7 +68,7 @@ def gpu_main(quick: bool) -> None:
         target = f">= {TARGET_HBM_FRACTION:.0%} HBM" if (n, s, c) == (64 << 20, 16, 1) else ""
         h.row(case=case, impl="index_add_+bincount (cuda)", seconds=t_base, gbs=round(moved / t_base / 1e9, 1),
               hbm_fraction=fraction(moved / t_base / 1e9, peaks.hbm_gbs), device=peaks.device)
-        for backend in ("cxx", "triton"):
+        for backend in backends("segment_sum"):
             def run(v=values, i=ids, s=s, backend=backend):
                 with mixkernels.backend(backend):
                     return mixkernels.segment_sum(v, i, s)

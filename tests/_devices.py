@@ -86,8 +86,24 @@ def move(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     device = torch.device(device)
     if t.device == device:
         return t
-    if t.is_contiguous() or t.numel() == 0 or any(s < 0 for s in t.stride()):
-        return t.to(device)
+    if t.is_contiguous() or t.numel() == 0 or _dense(t):
+        return t.to(device)  # preserve_format keeps the strides of dense layouts (transposes)
+    return same_strides(t, device)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage span without gaps or overlaps (a permuted contiguous layout)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_strides(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with exactly ``t``'s shape and strides (a view of a buffer
+    spanning them), differentiable back to ``t``."""
     span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     buffer = torch.zeros(span, dtype=t.dtype, device=device)
     return buffer.as_strided(t.shape, t.stride()).copy_(t)
