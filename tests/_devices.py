@@ -10,6 +10,12 @@ Every op test is parametrised over ``(device, backend)`` pairs from :func:`devic
   machine. ``MIXKERNELS_TEST_REQUIRE_CUDA=1`` (set by ``bench/gpu_check.sh``) turns those skips
   into failures: on a GPU machine a missing backend is a bug, not a reason to skip.
 
+``MIXKERNELS_TEST_FAKE_CUDA=1`` is a check of the test code itself on a machine without a GPU: the
+``cuda`` ids run with the device ``cpu`` (Triton ids skipped, or run by the interpreter when
+``TRITON_INTERPRET=1`` is set too), so their bodies execute end to end.
+It proves nothing about the kernels; tests that need a real device (subprocesses on ``cuda``,
+messages naming ``cuda:0``) fail under it by design.
+
 Tests build their inputs and oracles on CPU (same seeds on every device) and call the op through
 :func:`on`, which moves tensor arguments to the device, keeping their strides (non-contiguous
 inputs stay non-contiguous) and their autograd link to the CPU leaves, and moves results back.
@@ -32,11 +38,15 @@ NO_CUDA = "no CUDA device: torch.cuda.is_available() is False"
 REQUIRE_CUDA = os.environ.get("MIXKERNELS_TEST_REQUIRE_CUDA", "").lower() in ("1", "true", "yes", "on")
 # Triton on CUDA is compiled; under TRITON_INTERPRET=1 this process is the CPU interpreter run.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+FAKE_CUDA = os.environ.get("MIXKERNELS_TEST_FAKE_CUDA", "").lower() in ("1", "true", "yes", "on")
+CUDA = "cpu" if FAKE_CUDA else "cuda"  # the device the ``cuda`` ids run on
 
 
 def cuda_marks() -> list[pytest.MarkDecorator]:
     """``cuda`` marker plus, without a usable GPU, a skip with the reason."""
     marks = [pytest.mark.cuda]
+    if FAKE_CUDA:
+        return marks
     if not HAS_CUDA and not REQUIRE_CUDA:
         marks.append(pytest.mark.skip(reason=NO_CUDA))
     elif INTERPRETED:
@@ -46,7 +56,7 @@ def cuda_marks() -> list[pytest.MarkDecorator]:
 
 def devices() -> list[Any]:
     """``cpu`` and ``cuda`` as pytest params (``cuda`` marked and skipped without a GPU)."""
-    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=cuda_marks())]
+    return [pytest.param("cpu", id="cpu"), pytest.param(CUDA, id="cuda", marks=cuda_marks())]
 
 
 DEVICES = devices()
@@ -73,21 +83,31 @@ def device_backends(op: str, backends: Iterable[str] = ("reference", "cxx", "tri
                 reason = _backend.unavailable_reason(op, "cuda", name)
                 if reason:
                     marks.append(pytest.mark.skip(reason=f"{name} on cuda: {reason}"))
-            params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=marks))
+            if FAKE_CUDA and name == "triton" and not INTERPRETED:
+                marks.append(pytest.mark.skip(reason="MIXKERNELS_TEST_FAKE_CUDA: Triton needs a GPU or the interpreter"))
+            params.append(pytest.param(CUDA, name, id=f"cuda-{name}", marks=marks))
     return params
 
 
-def move(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+def move(t: torch.Tensor, device: str | torch.device, *, force_copy: bool = FAKE_CUDA) -> torch.Tensor:
     """``t`` on ``device`` with the same shape and strides, differentiable back to ``t``.
 
     ``Tensor.to`` makes gapped views (``x[:, ::2]``) contiguous; the kernels' stride handling is
     what the non-contiguous tests exercise, so those are rebuilt as the same view of a buffer.
     """
     device = torch.device(device)
-    if t.device == device:
+    if t.device == device and not force_copy:
         return t
+    broadcast = [d for d, (size, stride) in enumerate(zip(t.shape, t.stride())) if stride == 0 and size > 1]
+    if broadcast:  # an expanded view: move one slice, expand again on the device
+        compact = t
+        for d in broadcast:
+            compact = compact.narrow(d, 0, 1)
+        return move(compact, device, force_copy=force_copy).expand(t.shape)
     if t.is_contiguous() or t.numel() == 0 or _dense(t):
-        return t.to(device)  # preserve_format keeps the strides of dense layouts (transposes)
+        # preserve_format keeps the strides of dense layouts (transposes); force_copy copies on the
+        # same device too (FAKE_CUDA: the copies' autograd path is what the test exercises)
+        return t.to(device, copy=True)
     return same_strides(t, device)
 
 
@@ -131,12 +151,13 @@ def on(device: str | torch.device, fn: Callable[..., Any]) -> Callable[..., Any]
     Both moves are differentiable, so gradients of CPU leaves and backward calls on the CPU
     results go through the device kernels. On ``cpu`` this is ``fn`` itself.
     """
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and not FAKE_CUDA:
         return fn
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = fn(*tree_to(args, device), **tree_to(kwargs, device))
-        torch.cuda.synchronize()  # a device-side assert surfaces in the test that caused it
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()  # a device-side assert surfaces in the test that caused it
         return tree_to(out, "cpu")
 
     return wrapped

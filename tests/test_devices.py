@@ -23,6 +23,27 @@ def test_same_strides_keeps_gapped_views_and_gradients():
     assert z.stride() == (2, 5)
 
 
+def test_expanded_views_stay_expanded_with_their_gradient():
+    base = torch.randn(4, 1, requires_grad=True)
+    t = base.expand(4, 13)
+    moved = _devices.move(t, "cpu", force_copy=True)  # the path taken for another device
+    assert moved.shape == t.shape and moved.stride() == (1, 0) and torch.equal(moved, t)
+    assert moved.data_ptr() != base.data_ptr()
+    w = torch.randn(4, 13)
+    (moved * w).sum().backward()
+    torch.testing.assert_close(base.grad, w.sum(1, keepdim=True))
+
+
+def test_forced_copies_keep_strides_of_every_layout():
+    x = torch.randn(5, 6, 7)
+    for view in (x, x.permute(2, 0, 1), x[:, ::2], x[..., 1:].transpose(0, 2), x[:0]):
+        moved = _devices.move(view, "cpu", force_copy=True)
+        assert torch.equal(moved, view) and moved.shape == view.shape
+        assert moved.numel() == 0 or moved.data_ptr() != view.data_ptr()
+        if view.numel():
+            assert moved.stride() == view.stride(), view.stride()
+
+
 def test_dense_layouts_are_recognised():
     x = torch.randn(3, 4, 5)
     assert _devices._dense(x) and _devices._dense(x.permute(2, 0, 1)) and _devices._dense(x[:1])

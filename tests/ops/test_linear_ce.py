@@ -371,7 +371,8 @@ def test_bad_inputs_name_argument_and_value():
 def test_bad_inputs_on_cuda(device):
     """The argument checks run before dispatch, on CUDA tensors too (out-of-range labels are a
     device-side assert there, covered by the segment_sum subprocess test's mechanism)."""
-    h, w, _b, y = (t.detach().to(device) for t in make(n=6, v=10, ignore_every=0))
+    h, w, _b, y = make(n=6, v=10, ignore_every=0)
+    h, w, y = h.detach().to(device), w.detach().to(device), y.to(device)
     lce = mixkernels.linear_cross_entropy
     with pytest.raises(ValueError, match=r"weight has shape \(10, 23\) but hidden has shape \(6, 24\)"):
         lce(h, w[:, :23], y)

@@ -102,6 +102,8 @@ def test_fields_vs_naive_oracle(device, backend, shape):
 def test_ties_and_zero_probabilities_at_many_experts(device, backend, dtype):
     """E = 64, k = 8 (several vector passes): rows of repeated values and of -inf logits, so ties
     at equal probabilities and at exactly 0 (fewer than k positive experts) go to the lower index."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32/float16/bfloat16 logits (documented)")
     gen = torch.Generator().manual_seed(3)
     z = torch.randint(-3, 1, (2, 300, 64), generator=gen).to(dtype)
     z[:, ::3] = torch.where(torch.rand(2, 100, 64, generator=gen) < 0.95, float("-inf"), z[:, ::3].double()).to(dtype)
@@ -292,6 +294,9 @@ def test_load_balancing_loss_from_stats_and_mask_dtypes():
 
 @pytest.mark.parametrize("device,backend", DB)
 def test_gradcheck_float64(device, backend):
+    if backend == "triton":
+        pytest.skip("the triton backend takes float32/float16/bfloat16 logits (documented); its backward is "
+                    "the shared router_stats_backward op, gradchecked through cxx")
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(2, 11, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     groups = torch.randint(0, 3, (11,), generator=gen)
