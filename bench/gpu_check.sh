@@ -33,8 +33,9 @@ CPU_BENCHES="gradex loop"
 # Estimates for one H100-class node (none has been timed on a GPU yet): set-up is dominated by the
 # torch download and the one-arch nvcc build; bench_loop/bench_gradex are CPU benches run at their
 # --quick size so that they are known to work on the GPU machine too.
-PARTS="setup:180 info:10 selftest:25 tests_ops:100 tests_models:45 bench_segment_sum:15 bench_router_stats:15
-bench_linear_ce:20 bench_grad_proj:30 bench_gradex:10 bench_loop:30"
+# (GPU_CHECK_PARTS replaces the list: the test suite runs the orchestration with a few cheap parts.)
+PARTS=${GPU_CHECK_PARTS:-"setup:180 info:10 selftest:25 tests_ops:100 tests_models:45 bench_segment_sum:15
+bench_router_stats:15 bench_linear_ce:20 bench_grad_proj:30 bench_gradex:10 bench_loop:30"}
 # -v: one line per test as it finishes, so a part stopped at its budget still shows what ran.
 PYTEST_CUDA="env -u TRITON_INTERPRET MIXKERNELS_TEST_REQUIRE_CUDA=1 $PY -m pytest -v --tb=short -p no:cacheprovider -rfEs -m cuda"
 
@@ -56,7 +57,20 @@ setup() {
   set -e
   make "$VENV/bin/python"
   "$PY" -m pip install -q --upgrade pip setuptools wheel ninja
-  "$PY" -m pip install -q torch triton numpy
+  # TORCH_INDEX_URL picks a torch build for an older driver (the default PyPI wheel is built for
+  # CUDA 13, which needs an NVIDIA driver >= 580), e.g. https://download.pytorch.org/whl/cu128
+  "$PY" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch triton numpy
+  nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader || true
+  if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc not on PATH: the CUDA kernels cannot be built"; fi
+  "$PY" - <<'EOF'
+import sys
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+if not torch.cuda.is_available():
+    print("torch cannot use the GPU: its CUDA build may need a newer driver than this machine's; rerun with "
+          "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<XY> matching the driver (nvidia-smi) and nvcc")
+    sys.exit(1)
+EOF
   # The CUDA extension for this GPU only: one arch compiles in a fraction of the default 8.0;9.0 time.
   arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null ||
          nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
