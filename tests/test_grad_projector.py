@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mixkernels
 from mixkernels import GradientProjector, projection_matrix
 from tests._devices import DEVICES
+from tests._tolerances import tol
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +127,8 @@ def test_factored_matches_vmap_grad(device, make, weight_grads):
     gp = GradientProjector(model, kind="factored", rank=(4, 6), seed=3, modules=_decoder_linears)
     assert len(gp.module_names) == 14 if make is not _gpt2 else 8
     G = _capture(gp, model, batch, weight_grads=weight_grads)
-    _check_factored(gp, G, _oracle(model, batch, gp.module_names))
+    _check_factored(gp, G, _oracle(model, batch, gp.module_names),
+                    **({} if device == "cpu" else tol(torch.float32, device)))
     projected = [gp._by_name[n].module.weight for n in gp.module_names]
     assert all(w.requires_grad for w in projected)  # restored after capture(weight_grads=False)
     assert all((w.grad is not None) == weight_grads for w in projected)
@@ -171,7 +173,8 @@ def test_padding_positions_contribute_nothing(device):
     assert n < 8
     short = {k: v[1:, :n] for k, v in batch.items()}  # example 1 alone, without its padding
     G1 = _capture(gp, model, short)
-    torch.testing.assert_close(G[1:], G1, rtol=1e-4, atol=1e-6)
+    # (on CUDA the two batch shapes take different GEMM tilings: their fp32 sums differ in the last bits)
+    torch.testing.assert_close(G[1:], G1, rtol=1e-4, atol=1e-6 if device == "cpu" else 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -254,7 +257,8 @@ def test_backends_agree_through_the_projector(device):
             results[backend] = (_capture(gp, model, batch), _capture(gpr, model, batch))
     for backend in backends[1:]:
         for a, b in zip(results["reference"], results[backend]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, backend=backend: f"{backend}: {m}")
+            torch.testing.assert_close(a, b, **({"rtol": 1e-4, "atol": 1e-5} if device == "cpu" else tol(torch.float32, device)),
+                                       msg=lambda m, backend=backend: f"{backend}: {m}")
 
 
 def test_projections_are_stable_and_seeded_by_name():
