@@ -9,7 +9,7 @@
 #                                     and check that every referenced test and bench exists
 #
 # Budget: 8 minutes in total on one H100/H200-class GPU, set-up included. Every part has its own
-# budget (the sum is <= 480 s); a part that overruns is stopped (SIGTERM, then SIGKILL 10 s later),
+# budget (the sum is <= 480 s); a part that overruns is stopped (SIGTERM, then SIGKILL 5 s later),
 # reported as TIMEOUT, and the next part runs. Nothing here has been run on a GPU by the project:
 # the first run on a GPU machine is the measurement.
 set -u
@@ -156,7 +156,7 @@ run_check() {
     echo "== [$i] $name (budget ${budget}s): $cmd"
     t0=$SECONDS
     echo "\$ $cmd" >"$log"
-    timeout -k 10 "$budget" bash -c "$cmd" >>"$log" 2>&1
+    timeout -k 5 "$budget" bash -c "$cmd" >>"$log" 2>&1
     rc=$?
     elapsed=$((SECONDS - t0))
     case $rc in
@@ -203,7 +203,7 @@ case "${1:-}" in
       setup) setup ;;
       *) echo "unknown part ${2:-}" >&2; exit 2 ;;
     esac ;;
-  "" | -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] ;;
+  "" | -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] ;;
   -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   *) run_check "$1" ;;
 esac
