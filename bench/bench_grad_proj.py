@@ -1,6 +1,6 @@
-"""Benchmark of issue 5: per-example projected gradients and on-the-fly projections (CPU).
+"""Benchmark: per-example projected gradients and on-the-fly projections (CPU).
 
-    python bench/bench_grad_proj.py            # the issue's sizes (minutes on 2 shared cores)
+    python bench/bench_grad_proj.py            # the goal sizes (minutes on 2 shared cores)
     python bench/bench_grad_proj.py --tiny     # smoke test at the tiniest sizes
     python bench/bench_grad_proj.py --quick    # the same as --tiny on CPU
     python bench/bench_grad_proj.py --device cuda [--quick]   # GPU, 1B Llama shape (bench/_grad_proj_gpu.py)
@@ -16,6 +16,11 @@ in ``x_plain``; ``speedup_vs_baseline`` = baseline time / this time):
   torch.func + dense Rademacher K=4096   vmap(grad) per-example grads [B, 12.6M], then
                                          mixkernels.project (on the fly; a stored R would be 206 GB)
 Peak memory: extra peak RSS of a fresh child process running one step.
+
+Part 1b (``--model smollm2-135m-instruct``): the real pretrained model (30 layers, vocabulary
+49152) with LoRA r = 16 on every attention and MLP linear (base frozen), B = 8, T = 128: the
+trainable LoRA layers (what GradEx projects) through the factored projector, against the plain
+LoRA forward + backward.
 
 Part 2, project [8, 12.6M] -> 4096: ours (rademacher, sjlt; full input) against TRAK's
 BasicProjector (rademacher, CPU, fp32). TRAK is timed on a slice of the input rows and scaled
@@ -149,6 +154,57 @@ def trak_projector(rows, k):
                           device=torch.device("cpu"))
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_pretrained(name: str, b: int = 8, t: int = 128):
+    """A pretrained model by name + LoRA r=16 on every attention/MLP linear, and random token ids."""
+    import peft
+    import transformers
+
+    from mixtrain.models import resolve_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                       target_modules=LORA_TARGETS)).get_base_model().eval()
+    with torch.no_grad():  # a trained adapter: B != 0, so gradients reach lora_A too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    torch.manual_seed(0)
+    return model, torch.randint(0, model.config.vocab_size, (b, t))
+
+
+def trainable_linears(name, module):
+    return isinstance(module, torch.nn.Linear) and module.weight.requires_grad and "lm_head" not in name
+
+
+def pretrained_part(h: Harness, name: str, script: Path) -> None:
+    model, ids = build_pretrained(name)
+    case = f"{name} + LoRA r16 (all linears) B{ids.shape[0]} T{ids.shape[1]}"
+    gp = GradientProjector(model, rank=(16, 16), modules=trainable_linears)
+    t_plain = h.time(lambda: plain_step(model, ids))
+    m_plain = child_peak_mb(script, ["--child", "pretrained-plain", "--model", name])
+    h.row(case=case, impl="plain LoRA fwd+bwd", seconds=t_plain, peak_mb=m_plain, x_plain=1.0, x_plain_mem=1.0)
+    for wg in (False, True):
+        t = h.time(lambda wg=wg: projector_step(gp, model, ids, wg))
+        m = child_peak_mb(script, ["--child", f"pretrained-factored-{'wg' if wg else 'nowg'}", "--model", name])
+        h.row(case=case, impl=f"factored r16x16 weight_grads={wg}", seconds=t, baseline="plain LoRA fwd+bwd",
+              baseline_seconds=t_plain, peak_mb=m, x_plain=round(t / t_plain, 3),
+              x_plain_mem=round(m / m_plain, 3) if m_plain > 0 else "")
+
+
+def pretrained_child(what: str, name: str) -> None:
+    torch.set_num_threads(2)
+    model, ids = build_pretrained(name)
+    plain_step(model, ids)
+    if what == "plain":
+        report_child_peak(lambda: plain_step(model, ids))
+    else:
+        gp = GradientProjector(model, rank=(16, 16), modules=trainable_linears)
+        report_child_peak(lambda: projector_step(gp, model, ids, what == "factored-wg"))
+
+
 def child(what: str, cfg) -> None:
     torch.set_num_threads(2)
     if what.startswith("project-"):
@@ -171,6 +227,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", default=None)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: model,project,trak,torchfunc")
+    parser.add_argument("--model", default=None, help="also the pretrained-model part (e.g. smollm2-135m-instruct)")
     args = parser.parse_args()
     if args.device == "cuda":
         from _grad_proj_gpu import gpu_main
@@ -179,6 +236,9 @@ def main() -> None:
         return
     args.tiny = args.tiny or args.quick
     cfg = TINY if args.tiny else FULL
+    if args.child and args.child.startswith("pretrained-"):
+        pretrained_child(args.child.removeprefix("pretrained-"), args.model)
+        return
     if args.child:
         child(args.child, cfg)
         return
@@ -213,6 +273,8 @@ def main() -> None:
             h.row(case=case, impl="factored weight_grads=False (same run, 1 rep)", seconds=t_fact,
                   baseline="torch.func + Rademacher", baseline_seconds=t_f, x_plain=round(t_fact / t_plain, 3))
         del model, gp, ef, gpr
+    if args.model:
+        pretrained_part(h, args.model, script)
     if "project" not in skip:
         n_rows = 8 if cfg is FULL else 2
         pcase = f"project [{n_rows}, {cfg['p_rows']:,}] -> {cfg['k']}"

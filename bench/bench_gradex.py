@@ -1,4 +1,4 @@
-"""GradEx benchmarks (issue 8), ratios measured in one run, torch threads 2.
+"""GradEx benchmarks: ratios measured in one run, torch threads 2.
 
 1. Subset estimation: ``gradsum`` + ``first_order`` over 1000 subsets (one ``[S, T] x [T, d]``
    product + the projected Taylor term) vs the released per-subset scikit-learn fit
@@ -10,8 +10,13 @@
    Python loop of per-example ``autograd.grad(retain_graph=True)`` + a stored dense projection
    matrix ``D x d``), same tiny Llama + LoRA and data; examples/s and peak RSS of a fresh process.
 
+3. ``--model smollm2-135m-instruct``: the gradient pass again on the real pretrained model with
+   LoRA r = 16 on every attention and MLP linear (D = 4.9 M trainable weights, the size GradEx
+   runs at), rows of 60-120 tokens, batches of 8 (the released CoT batch size).
+
     PYTHONPATH=. python bench/bench_gradex.py            # full
     PYTHONPATH=. python bench/bench_gradex.py --smoke    # tiniest sizes (CI)
+    PYTHONPATH=. python bench/bench_gradex.py --model smollm2-135m-instruct --skip-toy
 """
 
 from __future__ import annotations
@@ -68,15 +73,26 @@ def bench_estimation(h: Harness, n: int, tasks: int, d: int, subsets: int, basel
           baseline="same", baseline_seconds=base)
 
 
-def _model_and_data(n: int, seed: int = 0):
+LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model_and_data(n: int, seed: int = 0, pretrained: str | None = None):
     import peft
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).get_base_model()
+    if pretrained:
+        from mixtrain.models import resolve_model
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(pretrained), dtype=torch.float32)
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_ALL)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        base = transformers.LlamaForCausalLM(cfg)
+        lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = peft.get_peft_model(base, lora).get_base_model()
+    vocab = model.config.vocab_size
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -86,7 +102,7 @@ def _model_and_data(n: int, seed: int = 0):
     rows = []
     for _ in range(n):
         t = int(rng.integers(60, 120))
-        ids = rng.integers(3, 259, size=t).tolist()
+        ids = rng.integers(3, vocab, size=t).tolist()
         rows.append((ids, [-100] * (t // 2) + ids[t // 2:]))
     return model, Examples(list(range(n)), ["a"] * n, rows)
 
@@ -130,16 +146,18 @@ def released_pass(model, ex: Examples, d: int, batch: int = 8) -> torch.Tensor:
     return torch.stack(out)
 
 
-def bench_pass(h: Harness, n: int, d: int, smoke: bool) -> None:
-    model, ex = _model_and_data(n)
-    warm = 0 if smoke else 1
+def bench_pass(h: Harness, n: int, d: int, smoke: bool, pretrained: str | None = None) -> None:
+    model, ex = _model_and_data(n, pretrained=pretrained)
+    warm = 0 if smoke or pretrained else 1
     base = h.time(lambda: released_pass(model, ex, d), repeat=1, warmup=warm)
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base_mb = None if smoke else child_peak_mb(__file__, ["--child", "released", str(n), str(d), "rademacher"])
+    extra = ["--model", pretrained] if pretrained else []
+    base_mb = None if smoke else child_peak_mb(__file__, ["--child", "released", str(n), str(d), "rademacher", *extra])
+    label = f"{pretrained}+LoRA r16" if pretrained else "tiny Llama+LoRA"
     for kind in ("rademacher", "sjlt", "factored"):
         ours = h.time(lambda kind=kind: ours_pass(model, ex, kind, d), repeat=1, warmup=warm)
-        mb = None if smoke else child_peak_mb(__file__, ["--child", "ours", str(n), str(d), kind])
-        h.row(case=f"tiny Llama+LoRA D={D} N={n} d={d}", impl=f"gradex pass ({kind})", seconds=ours,
+        mb = None if smoke else child_peak_mb(__file__, ["--child", "ours", str(n), str(d), kind, *extra])
+        h.row(case=f"{label} D={D} N={n} d={d}", impl=f"gradex pass ({kind})", seconds=ours,
               baseline="per-example autograd.grad + dense P", baseline_seconds=base, peak_mb=mb,
               examples_per_s=round(n / ours, 1), baseline_examples_per_s=round(n / base, 1),
               baseline_peak_mb="" if base_mb is None else round(base_mb, 1))
@@ -150,12 +168,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the same as --smoke (bench/gpu_check.sh)")
     ap.add_argument("--child", nargs=4)
+    ap.add_argument("--model", default=None, help="also the gradient pass on this pretrained model (+ LoRA r16)")
+    ap.add_argument("--skip-toy", action="store_true", help="with --model: only the pretrained-model pass")
     args = ap.parse_args()
     args.smoke = args.smoke or args.quick
     torch.set_num_threads(2)
     if args.child:
         which, n, d, kind = args.child
-        model, ex = _model_and_data(int(n))
+        model, ex = _model_and_data(int(n), pretrained=args.model)
         if which == "ours":
             report_child_peak(lambda: ours_pass(model, ex, kind, int(d)))
         else:
@@ -165,9 +185,11 @@ def main() -> None:
     if args.smoke:
         bench_estimation(h, n=200, tasks=8, d=16, subsets=50, baseline_subsets=5)
         bench_pass(h, n=8, d=16, smoke=True)
-    else:
+    elif not args.skip_toy:
         bench_estimation(h, n=4000, tasks=40, d=200, subsets=1000, baseline_subsets=50)
         bench_pass(h, n=32, d=200, smoke=False)
+    if args.model:
+        bench_pass(h, n=16, d=200, smoke=False, pretrained=args.model)
     h.finish()
 
 

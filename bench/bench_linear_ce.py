@@ -1,6 +1,6 @@
 """Benchmark: fused linear cross-entropy with per-group losses vs eager PyTorch and the GEMM floor.
 
-    python bench/bench_linear_ce.py            # the issue's cases (minutes on 2 cores)
+    python bench/bench_linear_ce.py            # the goal cases (minutes on 2 cores)
     python bench/bench_linear_ce.py --smoke    # tiny shapes, seconds (keeps the script from rotting)
     python bench/bench_linear_ce.py --quick    # the same as --smoke on CPU
     python bench/bench_linear_ce.py --device cuda [--quick]   # GPU, bf16 (--quick: the target case only)

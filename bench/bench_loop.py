@@ -16,8 +16,19 @@ Signal overhead: one optimizer step of the mixtrain ``LossModel`` (forward, back
 with per-domain ``group_ids`` + the signal bus accumulate/all-reduce, against the same step
 without groups (``num_groups = 1``, no bus).
 
+Peak memory: growth of each child's peak RSS (``VmHWM``, reset just before the measured run,
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave RSS) over the whole measured run, model
+load included, in both trainers.
+
+The real pretrained model (``--model smollm2-135m-instruct``: SmolLM2-135M-Instruct, vocabulary
+49152, its own tokenizer and chat template) with ``--finetune lora`` (r = 16 on every attention
+and MLP linear, the base frozen) or ``--finetune full``; the model-load row times the one-off
+GGUF conversion into a fresh cache and a cached load.
+
     python bench/bench_loop.py            # default size, 3 interleaved rounds (median reported)
     python bench/bench_loop.py --tiny     # smoke size (seconds)
+    python bench/bench_loop.py --model smollm2-135m-instruct --finetune lora   # micro-batch 4 x 256
+    python bench/bench_loop.py --model smollm2-135m-instruct --finetune full
 """
 
 from __future__ import annotations
@@ -37,6 +48,25 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 DOMAINS = ["code", "docs", "math", "lego_2", "addition_2"]
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def _model_section(a: argparse.Namespace) -> dict:
+    if not a.model:
+        return {"config": _model_cfg(a), "tokenizer": "byte"}
+    return {"name_or_path": a.model, **({"lora": dict(LORA)} if a.finetune == "lora" else {})}
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mb() -> float:
+    from _harness import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _model_cfg(a: argparse.Namespace) -> dict:
@@ -47,7 +77,7 @@ def _model_cfg(a: argparse.Namespace) -> dict:
 
 def _config(a: argparse.Namespace, out: str) -> dict:
     return {
-        "model": {"config": _model_cfg(a), "tokenizer": "byte"},
+        "model": _model_section(a),
         "data": {"builtin": DOMAINS, "builtin_size": 200, "max_length": a.seq, "dev_fraction": 0.0},
         "mixing": {"policy": "uniform"},
         "train": {"steps": a.steps, "micro_batch_size": a.mbs, "grad_accum": a.ga, "lr": 1e-3, "warmup": 0,
@@ -68,19 +98,25 @@ def child_mixtrain(a: argparse.Namespace) -> None:
     from mixtrain.loop import train
 
     res = {}
+    peak = 0.0
     for n in (1, a.warmup, a.steps):  # the first run pays one-time costs (corpus parse, op builds)
         with tempfile.TemporaryDirectory() as d:
             raw = _config(a, d)
             raw["train"]["steps"] = n
+            raw["train"]["save_model"] = False
+            if n == a.steps:
+                base = _reset_peak() or _peak_mb()
             c0, w0 = _cpu(), time.perf_counter()
             train(from_dict(raw))
+            if n == a.steps:
+                peak = _peak_mb() - base
             res[n] = (_cpu() - c0, time.perf_counter() - w0,
                       json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[-1])["input_tokens"])
     cpu = res[a.steps][0] - res[a.warmup][0]
     wall = res[a.steps][1] - res[a.warmup][1]
     toks = res[a.steps][2] - res[a.warmup][2]
     n = a.steps - a.warmup
-    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / cpu, 'cpu_step_s': cpu / n, 'wall_step_s': wall / n})}",
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / cpu, 'cpu_step_s': cpu / n, 'wall_step_s': wall / n, 'peak_mb': peak})}",
           flush=True)
 
 
@@ -90,24 +126,33 @@ def child_hf(a: argparse.Namespace) -> None:
 
     from mixtrain import policies
     from mixtrain.config import from_dict
-    from mixtrain.data import ByteTokenizer, encode_domains, load_domains
+    from mixtrain.data import ByteTokenizer, encode_domains, load_domains, load_tokenizer
     from mixtrain.engine import build_ds_config
     from mixtrain.hf import MixtureCallback, MixtureDataset
+    from mixtrain.models import resolve_model
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(29500 + os.getpid() % 1000))
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = from_dict(_config(a, "unused"))
-    tok = ByteTokenizer()
+    tok = load_tokenizer(a.model) if a.model else ByteTokenizer()
     doms = load_domains(DOMAINS, {}, dev_fraction=0.0, builtin_size=200, builtin_seed=0)
     enc = encode_domains(doms, tok, max_length=a.seq)
     ds = MixtureDataset(enc, tok, global_batch_size=a.mbs * a.ga, seed=0)
     cb = MixtureCallback(policies.get("uniform"), ds)
-    raw = dict(_model_cfg(a))
-    raw["vocab_size"] = tok.vocab_size
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+    base = _reset_peak() or _peak_mb()
+    if a.model:  # the same directory mixtrain loads, through plain transformers (+ PEFT)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32)
+        if a.finetune == "lora":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+    else:
+        raw = dict(_model_cfg(a))
+        raw["vocab_size"] = tok.vocab_size
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
     ds_cfg = build_ds_config(cfg, 1)
     ds_cfg["train_batch_size"] = "auto"
     ds_cfg["gradient_clipping"] = "auto"
@@ -137,10 +182,42 @@ def child_hf(a: argparse.Namespace) -> None:
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collate,
                           callbacks=[cb, Marks()])
         trainer.train()
+    peak = _peak_mb() - base
     (c0, w0, t0), (c1, w1, t1) = marks[a.warmup], marks[a.steps]
     n = a.steps - a.warmup
-    print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n})}",
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak})}",
           flush=True)
+
+
+def child_load(a: argparse.Namespace) -> None:
+    """First use (GGUF dequantised + written to a fresh cache; the GGUF file already downloaded)
+    and a cached load (safetensors + tokenizer) of ``a.model``."""
+    import shutil
+
+    from mixtrain import models
+
+    src = models.KNOWN_MODELS[a.model]
+    gguf = models.cache_root() / "downloads" / src.file_name
+    if not gguf.is_file():
+        models.prepare_model(a.model)
+    with tempfile.TemporaryDirectory() as home:
+        os.makedirs(os.path.join(home, "downloads"))
+        shutil.copy(gguf, os.path.join(home, "downloads", src.file_name))
+        os.environ["MIXTRAIN_HOME"] = home
+        w0 = time.perf_counter()
+        path = models.prepare_model(a.model)
+        first = time.perf_counter() - w0
+        import torch
+        import transformers
+
+        from mixtrain.data import load_tokenizer
+
+        w0 = time.perf_counter()
+        transformers.AutoModelForCausalLM.from_pretrained(models.resolve_model(a.model), dtype=torch.float32)
+        load_tokenizer(a.model)
+        cached = time.perf_counter() - w0
+        assert str(path) == models.resolve_model(a.model)
+    print(f"RESULT={json.dumps({'first_s': first, 'cached_s': cached})}", flush=True)
 
 
 def child_signals(a: argparse.Namespace) -> None:
@@ -193,7 +270,8 @@ def child_signals(a: argparse.Namespace) -> None:
 
 
 def _run_child(kind: str, argv: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MALLOC_MMAP_THRESHOLD_="65536")
     p = subprocess.run([sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, env=env, check=False,
                        cwd=ROOT)
     for line in p.stdout.splitlines():
@@ -204,9 +282,11 @@ def _run_child(kind: str, argv: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["mixtrain", "hf", "signals"])
+    ap.add_argument("--child", choices=["mixtrain", "hf", "signals", "load"])
     ap.add_argument("--tiny", action="store_true", help="smoke size")
     ap.add_argument("--quick", action="store_true", help="the same as --tiny (bench/gpu_check.sh)")
+    ap.add_argument("--model", default=None, help="a pretrained model name or path (default: a tiny random Llama)")
+    ap.add_argument("--finetune", choices=["lora", "full"], default="lora", help="with --model (default lora)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
@@ -218,18 +298,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved HF/mixtrain pairs; the median is reported")
     ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
+    ap.add_argument("--load", action="store_true", help="with --model: also time the first and a cached load")
     a = ap.parse_args()
     a.tiny = a.tiny or a.quick
     if a.tiny:
         a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup, a.rounds = 32, 1, 208, 2, 1, 5, 2, 1
+    elif a.model and not a.child:  # the real model: micro-batch 4 x 256 tokens, fewer (slow) steps
+        a.mbs, a.seq = 4, 256
+        a.steps, a.warmup = min(a.steps, 6), min(a.warmup, 2)
     if a.child:
-        {"mixtrain": child_mixtrain, "hf": child_hf, "signals": child_signals}[a.child](a)
+        {"mixtrain": child_mixtrain, "hf": child_hf, "signals": child_signals, "load": child_load}[a.child](a)
         return
     from _harness import Harness
 
     argv = [f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "seq", "mbs", "ga", "zero", "steps", "warmup",
-                                                "threads")]
-    case = f"llama h{a.hidden} L{a.layers} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
+                                                "threads", "finetune")]
+    if a.model:
+        argv.append(f"--model={a.model}")
+        case = f"{a.model} {a.finetune} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
+    else:
+        case = f"llama h{a.hidden} L{a.layers} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
     h = Harness("loop")
     # interleaved rounds, median ratio: one pair of runs on a 2-core machine moves by +-10 %
     runs = []
@@ -242,7 +330,17 @@ def main() -> None:
           baseline_seconds=hf["cpu_step_s"], tokens_per_cpu_s=round(mt["tokens_per_cpu_s"]),
           baseline_tokens_per_cpu_s=round(hf["tokens_per_cpu_s"]), tokens_per_s_ratio=round(ratio, 3),
           ratios_all_rounds=" ".join(f"{r[0]:.3f}" for r in runs),
-          wall_ms=round(mt["wall_step_s"] * 1e3, 1), baseline_wall_ms=round(hf["wall_step_s"] * 1e3, 1))
+          wall_ms=round(mt["wall_step_s"] * 1e3, 1), baseline_wall_ms=round(hf["wall_step_s"] * 1e3, 1),
+          peak_mb=round(mt["peak_mb"]), baseline_peak_mb=round(hf["peak_mb"]),
+          peak_ratio=round(mt["peak_mb"] / max(hf["peak_mb"], 1e-9), 3),
+          peak_ratios_all_rounds=" ".join(f"{r[2]['peak_mb'] / max(r[1]['peak_mb'], 1e-9):.3f}" for r in runs))
+    if a.model:
+        if a.load:
+            ld = _run_child("load", argv)
+            h.row(case=f"{a.model} load", impl="first use (dequantise + cache)", seconds=ld["first_s"],
+                  baseline="cached load (safetensors + tokenizer)", baseline_seconds=ld["cached_s"])
+        print(h.table()) if a.no_csv else h.finish()
+        return
     sig = _run_child("signals", argv)
     h.row(case=case, impl="step with per-domain signals", seconds=sig["groups"], baseline="same step, no groups",
           baseline_seconds=sig["nogroups"],

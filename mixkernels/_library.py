@@ -31,7 +31,7 @@ SCHEMAS: dict[str, str] = {
         "segment_sum_triton(Tensor values, Tensor segment_ids, int num_segments, Tensor? mask=None) "
         "-> (Tensor, Tensor)"
     ),
-    # linear_cross_entropy (issue 3). reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
+    # linear_cross_entropy. reduction: 0 none, 1 sum, 2 mean. With compute_grad (and
     # reduction != none) the forward also returns the gradients of `loss` for upstream grad 1;
     # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
     "linear_ce": (
@@ -84,13 +84,13 @@ SCHEMAS: dict[str, str] = {
         "router_stats_backward(Tensor[] router_logits, Tensor? group_ids, int num_groups, Tensor? mask, "
         "Tensor grad_prob_sum, Tensor grad_entropy_sum) -> Tensor[]"
     ),
-    # project / lift (issue 5): on-the-fly counter-hash random projections; one OpInfo ("project")
+    # project / lift: on-the-fly counter-hash random projections; one OpInfo ("project")
     # chooses the backend of both, since each is the other's gradient.
     "project": "project(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "project_triton": "project_triton(Tensor x, int out_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "lift": "lift(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
     "lift_triton": "lift_triton(Tensor y, int in_dim, int seed, str kind, int nnz, int row_offset) -> Tensor",
-    # factored_sketch (issue 5): per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
+    # factored_sketch: per-example LoGra sketches S[b] = sum_t (g_t P_out)^T (x_t P_in).
     "factored_sketch": "factored_sketch(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor",
     "factored_sketch_triton": (
         "factored_sketch_triton(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor"

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ._hf_router import RouterStatsCollector  # noqa: F401  (router statistics, issue 4)
+from ._hf_router import RouterStatsCollector  # noqa: F401  (router statistics)
 from .ops.linear_ce import CrossEntropyOutput, linear_cross_entropy
 
-# ==== causal_lm_loss (issue 3: fused linear cross-entropy) ====================================
+# ==== causal_lm_loss (fused linear cross-entropy) ====================================
 
 _LCE_KWARGS = frozenset({"ignore_index", "label_smoothing", "reduction", "return_token_loss", "chunk_size"})
 

@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
-    p = sub.add_parser("demo", help="the embedded default: tiny Llama, built-in corpus")
+    p = sub.add_parser("demo", help="the embedded default: SmolLM2-135M-Instruct + LoRA on built-in skills")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--tiny", action="store_true", help="the 20-second variant: a tiny random-init Llama")
+    p = sub.add_parser("models", help="known pretrained models: list them, or fetch + convert one into the cache")
+    p.add_argument("action", nargs="?", choices=["list", "fetch", "path"], default="list")
+    p.add_argument("names", nargs="*", help="model names or .gguf paths (fetch / path)")
+    p.add_argument("--force", action="store_true", help="fetch: convert again even when cached")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
     p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
@@ -38,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
-    # ---- issue 9: compare ------------------------------------------------------------------
     p = sub.add_parser("compare", help="one run per policy x seed, then comparison.md/.png vs baselines")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
@@ -48,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="output directory (default <output_dir>/compare)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
-    # ---- end issue 9 ----------------------------------------------------------------------
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     local = [a for a in extra if a.startswith(("--local_rank=", "--local-rank="))]
     for a in local:
         os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
     extra = [a for a in extra if a not in local]
-    if extra:  # issue 9: `compare` accepts section.key=value overrides after its options too
+    if extra:  # `compare` accepts section.key=value overrides after its options too
         if args.cmd != "compare" or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, apply_overrides, demo_config, from_dict, load_config
 
     try:
+        if args.cmd == "models":
+            return _models(args)
         if args.cmd == "report":
             from .report import make_report
 
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(format_validation(run_validate(cfg)))
             return 0
-        if args.cmd == "compare":  # issue 9
+        if args.cmd == "compare":
             import logging
 
             from .compare import run_compare
@@ -109,17 +114,60 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             cfg = load_config(args.config, args.overrides)
         else:
-            cfg = from_dict(apply_overrides(demo_config(), args.overrides))
+            cfg = from_dict(apply_overrides(demo_config(tiny=args.tiny), args.overrides))
         from .loop import train
 
         summary = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
+            _print_accuracy_change(summary["output_dir"])
             print(f"output: {summary['output_dir']} ({files})")
         return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _print_accuracy_change(run_dir: str) -> None:
+    """The first and last dev accuracy per domain of a finished run, when it has both."""
+    from .accuracy import accuracy_change
+    from .report import read_metrics
+
+    change = accuracy_change(read_metrics(run_dir))
+    if change is None:
+        return
+    first, last, acc = change
+    print(f"dev exact-match accuracy, step {first} -> step {last}:")
+    for name, (a, b) in acc.items():
+        print(f"  {name:<14} {100 * a:5.1f} % -> {100 * b:5.1f} %")
+    mean = [sum(v[i] for v in acc.values()) / max(1, len(acc)) for i in (0, 1)]
+    print(f"  {'mean':<14} {100 * mean[0]:5.1f} % -> {100 * mean[1]:5.1f} %")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """``models [list]``: a table; ``models fetch NAME...``: prepare into the cache;
+    ``models path NAME``: print the prepared directory."""
+    import logging
+
+    from .models import cache_root, list_models, prepare_model
+
+    if args.action == "list":
+        if args.names:
+            print("error: `models list` takes no names", file=sys.stderr)
+            return 2
+        print(f"cache: {cache_root()} (MIXTRAIN_HOME)")
+        for row in list_models():
+            state = f"cached: {row['cached']}" if row["cached"] else "not cached (python -m mixtrain models fetch NAME)"
+            print(f"{row['name']}\n  {row['description']}\n  from {row['origin']}, license {row['license']}\n  {state}")
+        return 0
+    if not args.names:
+        print(f"error: `models {args.action}` needs at least one model name or .gguf path", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[mixtrain] %(message)s")
+    for name in args.names:
+        path = prepare_model(name, force=args.force) if args.action == "fetch" else prepare_model(name)
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Which domains are scored
 How an example is scored
     1. The dev row ``(input_ids, labels)`` is split at the first trained label: everything before
        it is the prompt (including the chat template up to the assistant header), the trained
-       tokens without the final end-of-sequence token are the gold response.
+       tokens without the final end-of-turn token (the chat template's, e.g. ``<|im_end|>``; else end-of-sequence) are the gold response.
     2. The model continues the prompt by greedy decoding (argmax, KV cache, batched with left
        padding; HF ``generate(do_sample=False)``) for at most ``max_new_tokens`` tokens
-       (default: the longest gold response of the domain + 8), stopping at end-of-sequence.
+       (default: the longest gold response of the domain + 8), stopping at that end-of-turn token.
     3. The same answer rule is applied to the decoded continuation and to the gold response;
        the example is correct iff the rule finds an answer in both and they are equal.
        Rows whose gold response yields no answer (e.g. cut by ``data.max_length``) are skipped
@@ -43,10 +43,12 @@ __all__ = [
     "ANSWER_RULES",
     "AccuracyEvaluator",
     "AccuracyExample",
+    "accuracy_change",
     "answer_rule",
     "build_examples",
     "extract_answer",
     "hf_greedy_generate",
+    "plot_accuracy_change",
     "score_predictions",
 ]
 
@@ -107,6 +109,12 @@ class AccuracyExample:
     gold_len: int
 
 
+def _end_of_turn(tokenizer: Any) -> int:
+    """The token that ends a reply: the chat template's end-of-turn (``<|im_end|>`` for ChatML),
+    else end-of-sequence."""
+    return int(getattr(tokenizer, "end_of_turn_id", tokenizer.eos_token_id))
+
+
 def split_prompt_response(ids: Sequence[int], labels: Sequence[int], eos_token_id: int
                           ) -> tuple[list[int], list[int]] | None:
     """``(prompt, response)`` of a tokenised row: prompt = tokens before the first trained label,
@@ -152,7 +160,7 @@ def build_examples(domains: Sequence[Any], tokenizer: Any, *, only: Sequence[str
         if rule is None:
             continue
         for ids, labels in d.dev[:max_examples]:
-            pr = split_prompt_response(ids, labels, tokenizer.eos_token_id)
+            pr = split_prompt_response(ids, labels, _end_of_turn(tokenizer))
             gold = None if pr is None else tokenizer.decode(pr[1])
             ans = None if gold is None else extract_answer(rule, gold)
             if ans is None:
@@ -246,15 +254,20 @@ class AccuracyEvaluator:
         return max(e.gold_len for e in self.examples if e.domain == domain) + 8
 
     def __call__(self, generate: GenerateFn) -> dict[str, float]:
-        """``{domain: exact-match accuracy}`` over all ranks' rows."""
+        """``{domain: exact-match accuracy}`` over all ranks' rows.
+
+        Rows of all domains are decoded together, ordered by decoding budget then prompt length
+        (fewer batches, little padding); each continuation is cut to its own domain's budget, so
+        the result is that of decoding every domain on its own."""
         counts = torch.zeros(len(self.domains), 2, dtype=torch.float64)
-        for di, dom in enumerate(self.domains):
-            exs = [e for e in self.mine if e.domain == dom]
-            for s in range(0, len(exs), self.batch_size):
-                chunk = exs[s: s + self.batch_size]
-                conts = generate([list(e.prompt_ids) for e in chunk], self.budget(dom))
-                preds = [self._text(c) for c in conts]
-                c, n = score_predictions(chunk, preds)[dom]
+        order = sorted(self.mine, key=lambda e: (self.budget(e.domain), len(e.prompt_ids)))
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s: s + self.batch_size]
+            budgets = [self.budget(e.domain) for e in chunk]
+            conts = generate([list(e.prompt_ids) for e in chunk], max(budgets))
+            preds = [self._text(c[:b]) for c, b in zip(conts, budgets)]
+            for dom, (c, n) in score_predictions(chunk, preds).items():
+                di = self.domains.index(dom)
                 counts[di, 0] += c
                 counts[di, 1] += n
         import torch.distributed as dist
@@ -265,7 +278,7 @@ class AccuracyEvaluator:
 
     def _text(self, ids: Sequence[int]) -> str:
         ids = list(ids)
-        eos = self.tokenizer.eos_token_id
+        eos = _end_of_turn(self.tokenizer)
         if eos in ids:
             ids = ids[: ids.index(eos)]
         return self.tokenizer.decode(ids)
@@ -278,7 +291,7 @@ class AccuracyEvaluator:
         was_training = model.training
         model.eval()
         gen = hf_greedy_generate(model, pad_token_id=self.tokenizer.pad_token_id,
-                                 eos_token_id=self.tokenizer.eos_token_id, device=device)
+                                 eos_token_id=_end_of_turn(self.tokenizer), device=device)
         try:
             if gather_zero3:
                 import deepspeed
@@ -304,4 +317,33 @@ def plot_accuracy(ax: Any, records: Sequence[dict[str, Any]]) -> bool:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=n)
     ax.set(title="dev exact-match accuracy (greedy)", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="best")
+    return True
+
+
+def accuracy_change(records: Sequence[dict[str, Any]]) -> tuple[int, int, dict[str, tuple[float, float]]] | None:
+    """``(first_step, last_step, {domain: (first, last)})`` of the first and last ``dev_accuracy``
+    records (the first is step 0 with ``eval.at_start``); ``None`` with fewer than two."""
+    rows = [r for r in records if isinstance(r.get("dev_accuracy"), dict)]
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
+    both = {n: (float(a["dev_accuracy"][n]), float(b["dev_accuracy"][n])) for n in b["dev_accuracy"]
+            if a["dev_accuracy"].get(n) is not None and b["dev_accuracy"].get(n) is not None}
+    return int(a["step"]), int(b["step"]), both
+
+
+def plot_accuracy_change(ax: Any, records: Sequence[dict[str, Any]]) -> bool:
+    """Bars of dev accuracy per domain at the first and the last evaluation; ``False`` if fewer
+    than two evaluations."""
+    change = accuracy_change(records)
+    if change is None:
+        return False
+    first, last, acc = change
+    names = list(acc)
+    x = list(range(len(names)))
+    ax.bar([i - 0.2 for i in x], [acc[n][0] for n in names], 0.4, color="0.65", label=f"step {first}")
+    ax.bar([i + 0.2 for i in x], [acc[n][1] for n in names], 0.4, color="tab:green", label=f"step {last}")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set(title="dev accuracy: first vs last evaluation", ylabel="accuracy", ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="upper left")
     return True

@@ -159,7 +159,6 @@ class TrainConfig:
     threads: int | None = None
 
 
-# ---- issue 9: task accuracy (mixtrain/accuracy.py) -------------------------------------------
 @dataclass
 class EvalConfig:
     """``eval`` section: exact-match task accuracy by greedy decoding (:mod:`mixtrain.accuracy`).
@@ -172,6 +171,8 @@ class EvalConfig:
         max_examples: dev rows decoded per domain (the first ones).
         batch_size: prompts decoded together.
         max_new_tokens: decoding budget; default the longest gold response of the domain + 8.
+        at_start: also evaluate before the first step (a ``step: 0`` record with ``dev_loss``
+            and, with ``accuracy``, ``dev_accuracy``): the starting model's scores.
     """
 
     accuracy: bool = False
@@ -179,7 +180,7 @@ class EvalConfig:
     max_examples: int = 64
     batch_size: int = 32
     max_new_tokens: int | None = None
-# ---- end issue 9 ----------------------------------------------------------------------------
+    at_start: bool = False
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)  # issue 9
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/mixtrain"
     gradex: dict[str, Any] = field(default_factory=dict)  # parsed by mixtrain.gradex.config
@@ -340,7 +341,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data: no domains; set data.builtin and/or data.domains")
     if m.update_every is not None and m.update_every < 1:
         raise ConfigError(f"mixing.update_every: got {m.update_every}, expected >= 1")
-    e = cfg.eval  # issue 9
+    e = cfg.eval
     for key in ("max_examples", "batch_size"):
         if getattr(e, key) < 1:
             raise ConfigError(f"eval.{key}: got {getattr(e, key)}, expected an integer >= 1")
@@ -414,8 +415,44 @@ TINY_LLAMA: dict[str, Any] = {
 }
 
 
-def demo_config(output_dir: str = "runs/demo") -> dict[str, Any]:
-    """Raw dict of the embedded demo: tiny Llama, byte tokenizer, built-in corpus."""
+DEMO_MODEL = "smollm2-135m-instruct"
+LORA_ALL_LINEARS: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def demo_config(output_dir: str = "runs/demo", *, tiny: bool = False) -> dict[str, Any]:
+    """Raw dict of the embedded demo.
+
+    Default: SmolLM2-135M-Instruct (pretrained, its chat template) fine-tuned with LoRA on the
+    built-in short-answer skills (``addition_1..3``, ``lego_1..5``, ``math``) with the
+    Mixture-of-Skills policy, dev loss and exact-match accuracy at step 0 and at the end. ``tiny``: the
+    20-second variant, a tiny Llama from random weights with the byte tokenizer on the whole
+    built-in corpus.
+    """
+    if tiny:
+        return _tiny_demo_config(output_dir)
+    return {
+        "model": {"name_or_path": DEMO_MODEL,
+                  "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": list(LORA_ALL_LINEARS)}},
+        "data": {
+            "builtin": ["addition", "lego", "math"],
+            "max_length": 256,
+            "builtin_size": 200,
+            "dev_fraction": 0.1,
+            "max_dev_examples": 12,
+        },
+        # the released scorer (lr 1e-4, updates every 100 steps) barely moves in 48 steps: a
+        # larger scorer lr makes the demo's mixture visibly follow the rewards
+        "mixing": {"policy": "mos", "update_every": 12,
+                   "params": {"reward": "diff", "use_ema": True, "temperature": 10.0, "diff_pool_size": 8,
+                              "diff_examples": 4, "scorer_lr": 3e-3}},
+        "train": {"steps": 48, "micro_batch_size": 8, "grad_accum": 1, "lr": 2e-3, "warmup": 4,
+                  "eval_every": 48, "log_every": 4, "save_every": 24, "seed": 0},
+        "eval": {"accuracy": True, "max_examples": 12, "batch_size": 64, "at_start": True},
+        "output_dir": output_dir,
+    }
+
+
+def _tiny_demo_config(output_dir: str) -> dict[str, Any]:
     return {
         "model": {"config": dict(TINY_LLAMA), "tokenizer": "byte"},
         "data": {
@@ -450,7 +487,7 @@ def config_fingerprint(cfg: Config) -> str:
     """
     d = cfg.to_dict()
     d.pop("output_dir", None)
-    d.pop("eval", None)  # issue 9: evaluation settings never affect training
+    d.pop("eval", None)  # evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard", "threads",
               "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum"):

@@ -2,8 +2,9 @@
 
 On a machine without a GPU the accelerator is DeepSpeed's ``cpu`` one, the backend ``gloo`` and
 the precision fp32; with a CUDA device it is ``cuda``, ``nccl`` and (``train.precision: auto``)
-bf16 where the GPU supports it (``DS_ACCELERATOR=cpu`` still forces the CPU path). One process works without a launcher (we create a one-rank gloo group on a
-free local port); ``torchrun`` / ``deepspeed`` launchers provide ``RANK``/``WORLD_SIZE``.
+bf16 where the GPU supports it (``DS_ACCELERATOR=cpu`` still forces the CPU path). One process
+works without a launcher (we create a one-rank group on a free local port); ``torchrun`` /
+``deepspeed`` launchers provide ``RANK``/``WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -104,10 +105,17 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
         except ImportError:
             pass
     if m.name_or_path is not None:
+        from .models import ModelError, quiet_progress, resolve_model
+
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                m.name_or_path, local_files_only=True, torch_dtype=torch.float32, **kw
-            )
+            path = resolve_model(m.name_or_path)
+        except ModelError as e:
+            raise ConfigError(f"model.name_or_path: {e}") from None
+        try:
+            with quiet_progress():
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=True, dtype=torch.float32, **kw
+                )
         except Exception as e:
             raise ConfigError(f"model.name_or_path: cannot load {m.name_or_path!r}: {e}") from e
     else:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .data.tokenizer import BYTE_TOKENIZER_FILE
+from .models import quiet_progress
 
 __all__ = ["export_model", "merged_state_dict", "unwrap_peft"]
 
@@ -84,20 +85,6 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
         (path / BYTE_TOKENIZER_FILE).write_text(json.dumps({"type": getattr(tokenizer, "name", "byte")}) + "\n")
 
 
-@contextlib.contextmanager
-def _quiet_save() -> Any:
-    """No transformers progress bar for a one-shard save (it would print under the run's own bar)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, rank: int,
                  zero_stage: int = 0) -> Path | None:
     """Write ``out/model`` (and ``out/adapter`` for PEFT) from rank 0; collective under ZeRO-3.
@@ -111,7 +98,7 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, ran
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     result = None
-    with gather, _quiet_save():
+    with gather, quiet_progress():
         if rank == 0:
             base = unwrap_peft(model)
             tmp = out / ".tmp-model"

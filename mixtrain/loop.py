@@ -211,7 +211,7 @@ def train(cfg: Config) -> dict[str, Any]:
                              attention_mask=batch["attention_mask"].reshape(-1))
         return st.expert_counts.to(torch.float64).cpu()
 
-    # ---- issue 9: task accuracy by greedy decoding (eval.accuracy) ------------------------------
+    # ---- task accuracy by greedy decoding (eval.accuracy) ---------------------------------------
     acc_eval = None
     if cfg.eval.accuracy:
         from .accuracy import AccuracyEvaluator
@@ -222,7 +222,6 @@ def train(cfg: Config) -> dict[str, Any]:
                                          rank=info.rank, world_size=info.world_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    # ---- end issue 9 ----------------------------------------------------------------------------
 
     def to_dev(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in b.items()}
@@ -361,6 +360,11 @@ def train(cfg: Config) -> dict[str, Any]:
     win_time, win_policy_time, win_steps = 0.0, 0.0, 0
     last_dev: np.ndarray | None = None
     stopped = False
+    if step == 0 and cfg.eval.at_start:  # the starting model's scores, as a step-0 record
+        rec0: dict[str, Any] = {"step": 0, "dev_loss": dict(zip(names, map(float, run_dev())))}
+        if acc_eval is not None:
+            rec0["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
+        metrics.write(rec0)
     while step < t.steps:
         t0 = time.perf_counter()
         try:
@@ -436,7 +440,7 @@ def train(cfg: Config) -> dict[str, Any]:
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
-            if acc_eval is not None and (do_eval or is_last):  # issue 9
+            if acc_eval is not None and (do_eval or is_last):
                 rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
             metrics.write(rec)
             if bar is not None:

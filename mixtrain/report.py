@@ -1,8 +1,9 @@
 """``report.png`` and ``schedule.json`` from a run directory.
 
 ``python -m mixtrain report DIR`` regenerates the figure from ``DIR/metrics.jsonl`` alone:
-weights over steps (stacked area), per-domain train loss, per-domain dev loss, and realised
-sample fractions against the step-averaged target weights.
+weights over steps (stacked area), per-domain train loss, per-domain dev loss, realised
+sample fractions against the step-averaged target weights and, with ``eval.accuracy``, dev
+exact-match accuracy over steps and first vs last evaluation per domain.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def make_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     names = list(recs[-1]["weights"])
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     colors = [cmap(i % cmap.N) for i in range(len(names))]
-    has_acc = any(isinstance(r.get("dev_accuracy"), dict) for r in recs)  # issue 9: accuracy panel
+    has_acc = any(isinstance(r.get("dev_accuracy"), dict) for r in recs)
     fig, axes = plt.subplots(2, 3 if has_acc else 2, figsize=(20 if has_acc else 14, 9))
     ax = axes[0, 0]
     s, w = _series(recs, "step_weights" if "step_weights" in recs[-1] else "weights", names)
@@ -103,11 +104,12 @@ def make_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     ax.set_xticks(x, names, rotation=45, ha="right")
     ax.set(title="realised vs target sample fractions", ylabel="fraction")
     ax.legend(loc="upper right", fontsize=8)
-    if has_acc:  # issue 9
-        from .accuracy import plot_accuracy
+    if has_acc:
+        from .accuracy import plot_accuracy, plot_accuracy_change
 
         plot_accuracy(axes[0, 2], recs)
-        axes[1, 2].axis("off")
+        if not plot_accuracy_change(axes[1, 2], recs):
+            axes[1, 2].axis("off")
     handles, labels = axes[0, 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9, title="domain")
     last = recs[-1]

@@ -57,6 +57,7 @@ class ByteTokenizer:
     pad_token_id = 256
     bos_token_id = 257
     eos_token_id = 258
+    end_of_turn_id = 258
     name = "byte"
 
     def encode(self, text: str) -> list[int]:
@@ -103,6 +104,16 @@ class HFTokenizer:
         bos = self.tok.bos_token_id
         self.bos_token_id = int(bos) if bos is not None else None
         self.has_chat_template = bool(getattr(self.tok, "chat_template", None))
+        self.end_of_turn_id = self._find_end_of_turn() if self.has_chat_template else self.eos_token_id
+
+    def _find_end_of_turn(self) -> int:
+        """The special token the chat template closes an assistant turn with (``<|im_end|>`` for
+        ChatML, ``<|eot_id|>`` for Llama 3): the first special token after a probe reply."""
+        probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+        prefix = self.render_chat(probe[:1], add_generation_prompt=True)
+        full = self.render_chat(probe, add_generation_prompt=False)
+        special = set(self.tok.all_special_ids)
+        return next((t for t in full[len(prefix):] if t in special), self.eos_token_id)
 
     def encode(self, text: str) -> list[int]:
         """Ids without special tokens."""
@@ -128,9 +139,16 @@ BYTE_TOKENIZER_FILE = "mixtrain_tokenizer.json"  # written by mixtrain.export ne
 def load_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
     """``"byte"``/``None`` → :class:`ByteTokenizer`; a directory holding ``mixtrain_tokenizer.json``
     (a model exported by a byte-tokenizer run) → :class:`ByteTokenizer`; otherwise a local HF
-    tokenizer path."""
+    tokenizer path. Known model names and ``.gguf`` files resolve through
+    :func:`mixtrain.models.resolve_model` (prepared once into the cache)."""
     if spec is None or spec == "byte":
         return ByteTokenizer()
+    from ..models import ModelError, resolve_model
+
+    try:
+        spec = resolve_model(spec)
+    except ModelError as e:
+        raise ValueError(f"model.tokenizer: {e}") from None
     marker = Path(spec) / BYTE_TOKENIZER_FILE
     if marker.is_file():
         try:
@@ -159,7 +177,10 @@ def encode_messages(
     """Tokenise one record; returns ``(input_ids, labels)`` of equal length ≤ ``max_length``.
 
     ``plain_text`` records (a single ``text``) are trained on every token. Chat records train on
-    assistant turns (content + end-of-turn) only, unless ``train_on_prompt``.
+    assistant turns (content + end-of-turn) only, unless ``train_on_prompt``: with a chat
+    template, exactly the tokens the template renders for the reply up to and including its
+    end-of-turn token (``tok.end_of_turn_id``); what the template adds after it (ChatML's
+    newline) is not a target.
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -179,8 +200,11 @@ def encode_messages(
             if m["role"] == "assistant":
                 prefix = tok.render_chat(messages[:i], add_generation_prompt=True)
                 full = tok.render_chat(messages[: i + 1], add_generation_prompt=False)
+                reply = full[len(prefix):]
+                end = reply.index(tok.end_of_turn_id) + 1 if tok.end_of_turn_id in reply else len(reply)
                 add(prefix[len(prev):], False)
-                add(full[len(prefix):], True)
+                add(reply[:end], True)
+                add(reply[end:], False)
                 prev = full
         if len(prev) < len(tok.render_chat(messages, add_generation_prompt=False)):
             rest = tok.render_chat(messages, add_generation_prompt=False)

@@ -224,8 +224,11 @@ def _load_reference(path: str, ctx: PolicyContext) -> Any:
     """A per-example-loss function of a reference HF checkpoint (eval mode, no grad)."""
     import transformers
 
+    from ..models import resolve_model
+
     try:
-        ref = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(path), local_files_only=True,
+                                                                 dtype=torch.float32)
     except Exception as e:
         raise ValueError(f"reference: cannot load checkpoint {path!r}: {e}") from e
     ref.eval()

@@ -28,7 +28,7 @@ so the last evaluation of a round is the one right at the update.
 Released-code behaviours deliberately *not* reproduced (documented deviations):
 
 * with ``--mw_prior`` the released p₀ uses A·w_init instead of A·1 (it passes the prior as the
-  "initial loss"); we use A·1 as in the paper and the issue. Identical for the default w_init = 1.
+  "initial loss"); we use A·1 as in the paper. Identical for the default w_init = 1.
 * with ``--ignore_lone_nodes`` the released code aliases ``weights = weights_init`` and then
   writes the new weights into it, so later rounds use the previous mixture as prior (silently
   cumulative). We keep w_init fixed.

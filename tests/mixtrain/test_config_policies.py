@@ -45,7 +45,7 @@ def test_unknown_key_lists_valid_keys():
 ])
 def test_bad_values(override, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        from_dict(apply_overrides(demo_config(), [override]))
+        from_dict(apply_overrides(demo_config(tiny=True), [override]))
 
 
 def test_missing_config_file(tmp_path):
@@ -129,3 +129,4 @@ def test_configs_parse_and_demo_file_matches_embedded():
     for p in sorted(root.glob("*.yaml")):
         load_config(p)
     assert load_config(root / "demo.yaml") == from_dict(demo_config())
+    assert load_config(root / "demo_tiny.yaml") == from_dict(demo_config(tiny=True))

@@ -1,6 +1,6 @@
 """The update rules of the dynamic policies against hand computations from their equations.
 
-Every oracle below is written out in plain Python ``math`` from the equations in issue 7 /
+Every oracle below is written out in plain Python ``math`` from the published equations /
 SEEDS.md (never by calling the code under test), including the edge cases: one domain, equal
 rewards, a zero-count domain, NaN guarded with a clear error.
 """
