@@ -1,7 +1,13 @@
 """``python -m mixtrain {train CONFIG.yaml [k=v ...] | demo [k=v ...] | report DIR |
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
-compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...]}``."""
+compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] | verify OUTPUT_DIR | policies}``.
+
+Exit codes: 0 done; 1 a run or a check failed (``verify`` found a bad file, a checkpoint or an
+export could not be written); 2 bad config or data (the message names the key or the file and
+line); 69 another rank stopped responding; 75 stopped by SIGTERM/SIGINT or ``train.time_limit``
+after writing a checkpoint (run the same command to continue); 130 ``compare`` interrupted.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="output directory (default <output_dir>/compare)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
+    p = sub.add_parser("verify", help="check every checkpoint and the exported model against their manifests")
+    p.add_argument("output_dir")
+    sub.add_parser("policies", help="list the mixing policies: name, description, parameters with defaults")
     args, extra = parser.parse_known_args(argv)
     # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     local = [a for a in extra if a.startswith(("--local_rank=", "--local-rank="))]
@@ -93,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(format_validation(run_validate(cfg)))
             return 0
+        if args.cmd == "verify":
+            return _verify(args.output_dir)
+        if args.cmd == "policies":
+            _print_policies()
+            return 0
         if args.cmd == "compare":
             import logging
 
@@ -118,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import train
 
         summary = train(cfg)
+        if summary.get("interrupted"):
+            from .faults import EXIT_PREEMPTED
+
+            return EXIT_PREEMPTED  # the loop logged "stopped at step N; run the same command to resume"
         if int(os.environ.get("RANK", "0")) == 0:
             files = "metrics.jsonl, report.png, schedule.json" + (", model/" if summary.get("model_dir") else "")
             _print_accuracy_change(summary["output_dir"])
@@ -126,6 +144,52 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .checkpoint import CheckpointError
+        from .export import ExportError
+
+        if isinstance(e, (CheckpointError, ExportError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _verify(output_dir: str) -> int:
+    """``verify``: one line per checkpoint / export; 1 when any is bad, 2 when there is nothing."""
+    from pathlib import Path
+
+    from .checkpoint import verify_output
+
+    if not Path(output_dir).is_dir():
+        print(f"error: {output_dir!r} is not a directory", file=sys.stderr)
+        return 2
+    res = verify_output(output_dir)
+    if not res:
+        print(f"error: no checkpoints and no exported model under {output_dir!r}", file=sys.stderr)
+        return 2
+    bad = 0
+    for label, v in res:
+        if v.verified:
+            print(f"ok          {label} ({v.files} files, {v.size} bytes, sha256 match)")
+        elif v.ok:
+            print(f"unverified  {label}: {v.problem}")
+        else:
+            bad += 1
+            print(f"BAD         {label}: {v.problem}")
+    print(f"{len(res) - bad} of {len(res)} usable" + (f"; {bad} bad" if bad else ""))
+    return 1 if bad else 0
+
+
+def _print_policies() -> None:
+    """``policies``: name, one-line description, ``mixing.params`` with defaults."""
+    from .policies import describe
+
+    for info in describe():
+        print(f"{info.name}: {info.description}")
+        if info.signals:
+            print(f"    signals: {', '.join(info.signals)}")
+        for name, default, ann, required in info.params:
+            print(f"    {name}: {ann} = {'(required)' if required else repr(default)}")
 
 
 def _print_accuracy_change(run_dir: str) -> None:

@@ -11,7 +11,9 @@ Command-line overrides use dotted paths (``train.steps=20``); values are parsed 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -132,6 +134,11 @@ class TrainConfig:
     optimizer step the micro-batches take the global batch's rows longest first, so rows of
     similar length are padded together (less padding with ``grad_accum`` or world size > 1); the
     step's rows, its gradient and the per-domain signals are unchanged up to float summation order.
+    ``time_limit`` (``"3h50m"``, ``"45m"``, ``"90s"``; ``None``: none) stops the run, after a
+    checkpoint, once the next step and a checkpoint might not fit in that wall-clock time since
+    the start (exit code 75, as for SIGTERM; run the same command to continue). ``dist_timeout``:
+    seconds a collective waits for the other ranks; a rank silent for half of it is named and
+    the others exit (see :mod:`mixtrain.faults`).
     """
 
     steps: int = 100
@@ -157,6 +164,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = None
+    time_limit: str | None = None
+    dist_timeout: float = 300.0
 
 
 @dataclass
@@ -255,11 +264,34 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     return value
 
 
+_MAX_DEPTH = 64
+
+
+def _check_plain(where: str, value: Any, depth: int = 0) -> None:
+    """Config values are what JSON can hold: mappings with string keys, lists, strings, numbers,
+    booleans, null (YAML dates, binary, sets or recursive anchors are refused)."""
+    if depth > _MAX_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {_MAX_DEPTH} levels (recursive YAML anchor?)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: key {k!r} ({type(k).__name__}) is not a string; quote it")
+            _check_plain(f"{where}.{k}" if where else k, v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(f"{where}[{i}]", v, depth + 1)
+    elif isinstance(value, (datetime.date, datetime.time)):
+        raise ConfigError(f"{where}: got the date/time {value!r}; quote it to make it a string")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{where}: got {type(value).__name__} {value!r:.60}, expected a string, number, "
+                          "boolean, null, list or mapping")
+
+
 def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise ConfigError(f"section '{name}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"section '{name}' must be a mapping, got {raw!r:.200}")
     hints = get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
     unknown = sorted(set(raw) - set(valid))
@@ -280,6 +312,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
+    _check_plain("", dict(raw))
     valid_top = ["model", "data", "mixing", "train", "deepspeed", "output_dir", "gradex", "eval"]
     unknown = sorted(set(raw) - set(valid_top))
     if unknown:
@@ -315,10 +348,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.precision: got {t.precision!r}, expected one of auto, fp32, bf16, fp16"
         )
-    if t.warmup < 0 or (t.warmup != int(t.warmup) and t.warmup >= 1):
+    if not math.isfinite(t.warmup) or t.warmup < 0 or (t.warmup != int(t.warmup) and t.warmup >= 1):
         raise ConfigError(
             f"train.warmup: got {t.warmup}, expected a step count >= 0 or a fraction in [0, 1)"
         )
+    if t.time_limit is not None:
+        from .faults import parse_duration
+
+        try:
+            parse_duration(t.time_limit, "train.time_limit")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if not (math.isfinite(t.dist_timeout) and t.dist_timeout > 0):
+        raise ConfigError(f"train.dist_timeout: got {t.dist_timeout}, expected a positive number of seconds")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected >= 1")
     if not (0.0 <= d.dev_fraction < 1.0):
@@ -364,13 +406,31 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {item!r}: empty key")
-    return path, yaml.safe_load(value) if value != "" else ""
+    if value == "":
+        return path, ""
+    try:
+        return path, yaml.safe_load(value)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: {e}); "
+                          "quote it to pass a string") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw config dict (in a copy) and return it."""
-    out = json.loads(json.dumps(raw))
+    """Apply ``a.b.c=value`` overrides to a raw config dict (in a copy) and return it.
+
+    Raises:
+        ConfigError: an override that is not ``key=value``, whose value is not YAML, or whose path
+            runs through a non-mapping.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping at top level, got {type(raw).__name__}")
+    try:
+        out = copy.deepcopy(raw)
+    except (TypeError, RecursionError) as e:
+        raise ConfigError(f"config cannot be copied ({type(e).__name__}: {e}); use plain YAML values") from None
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {item!r}: expected a 'section.key=value' string")
         path, value = _parse_override(item)
         node = out
         for p in path[:-1]:
@@ -394,9 +454,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r}: byte at offset {e.start} (0x{e.object[e.start]:02x}) is not "
+                          f"UTF-8 ({e.reason}); save it as UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
     return from_dict(apply_overrides(raw, overrides))
@@ -481,7 +548,8 @@ def config_fingerprint(cfg: Config) -> str:
     """Hash of everything that must match for a checkpoint to be resumable by this config.
 
     Excludes fields that may legitimately change on resume (``steps``, logging/saving cadence,
-    ``resume``, ``progress``, ``output_dir``, ``threads``, ``keep_checkpoints``, and the split of
+    ``resume``, ``progress``, ``output_dir``, ``threads``, ``keep_checkpoints``, ``time_limit``,
+    ``dist_timeout``, and the split of
     the global batch into ``micro_batch_size`` x ``grad_accum``, so a run can resume at another
     world size; the loop checks the global batch size itself).
     """
@@ -490,7 +558,8 @@ def config_fingerprint(cfg: Config) -> str:
     d.pop("eval", None)  # evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard", "threads",
-              "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum"):
+              "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum",
+              "time_limit", "dist_timeout"):
         d["train"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

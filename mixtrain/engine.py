@@ -64,8 +64,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed() -> DistInfo:
-    """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU)."""
+def init_distributed(timeout: float | None = None) -> DistInfo:
+    """Initialise ``torch.distributed`` through DeepSpeed (gloo on CPU, nccl on GPU).
+
+    ``timeout``: seconds a collective may wait for the other ranks (``train.dist_timeout``);
+    ``None`` keeps DeepSpeed's default (10 minutes).
+    """
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -81,7 +85,12 @@ def init_distributed() -> DistInfo:
             # NCCL binds each rank's communicator to the current device: set it before any collective
             # (otherwise every rank of a node would talk through cuda:0).
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+        kw: dict[str, Any] = {}
+        if timeout is not None:
+            from datetime import timedelta
+
+            kw["timeout"] = timedelta(seconds=float(timeout))
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False, **kw)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

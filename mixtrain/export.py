@@ -9,8 +9,10 @@ adapter alone (``PeftModel.from_pretrained(base, dir)``).
 
 Every rank calls :func:`export_model`; under ZeRO-3 the parameters are gathered (read-only) for
 the duration of the save. The model is never modified. Each directory is written under a
-temporary name and renamed into place, so a crash leaves the previous export or none, never half
-of one.
+temporary name, gets a ``manifest.json`` (size + sha256 of every file, written last;
+``python -m mixtrain verify`` checks it) and is renamed into place, so a crash leaves the previous
+export or none, never half of one. A failed write (a full disk) removes the partial directory and
+raises :class:`ExportError` naming the file and the reason; the previous export stays intact.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import _describe, write_manifest
 from .data.tokenizer import BYTE_TOKENIZER_FILE
 from .models import quiet_progress
 
-__all__ = ["export_model", "merged_state_dict", "unwrap_peft"]
+__all__ = ["ExportError", "export_model", "merged_state_dict", "unwrap_peft"]
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported (message names the file and the reason)."""
 
 _LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
@@ -67,7 +74,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def _replace_dir(tmp: Path, final: Path) -> None:  # the same commit as checkpoint._replace_dir
     """Rename ``tmp`` to ``final``, replacing an older ``final`` (never left half-written)."""
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
@@ -98,20 +105,51 @@ def export_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, ran
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     result = None
+    err: list[Any] = [None]
     with gather, quiet_progress():
         if rank == 0:
-            base = unwrap_peft(model)
-            tmp = out / ".tmp-model"
-            shutil.rmtree(tmp, ignore_errors=True)
-            base.save_pretrained(str(tmp), state_dict=merged_state_dict(model), safe_serialization=True)
-            _save_tokenizer(tokenizer, tmp)
-            _replace_dir(tmp, out / "model")
-            if base is not model:
-                tmp = out / ".tmp-adapter"
-                shutil.rmtree(tmp, ignore_errors=True)
-                model.save_pretrained(str(tmp), safe_serialization=True)
-                _replace_dir(tmp, out / "adapter")
-            result = out / "model"
+            try:
+                result = _write(model, tokenizer, out)
+            except (OSError, RuntimeError, _safetensors_error()) as e:  # a full disk, in any of its forms
+                err[0] = f"could not export the model: {_describe(e, out)}; its partial files were removed" + (
+                    ", the previous export is intact" if (out / "model").is_dir() else "")
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(err, src=0)
         dist.barrier()
+    if err[0] is not None:
+        raise ExportError(err[0])
     return result
+
+
+def _safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+
+        return SafetensorError
+    except ImportError:
+        return OSError
+
+
+def _write(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:
+    """Rank 0's part: both directories are written and verified-complete before either is renamed."""
+    base = unwrap_peft(model)
+    staged = [(out / ".tmp-model", out / "model")]
+    if base is not model:
+        staged.append((out / ".tmp-adapter", out / "adapter"))
+    try:
+        for tmp, _ in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        base.save_pretrained(str(staged[0][0]), state_dict=merged_state_dict(model), safe_serialization=True)
+        _save_tokenizer(tokenizer, staged[0][0])
+        write_manifest(staged[0][0], "model")
+        if len(staged) > 1:
+            model.save_pretrained(str(staged[1][0]), safe_serialization=True)
+            write_manifest(staged[1][0], "adapter")
+        for tmp, final in staged:
+            _replace_dir(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "model"

@@ -8,7 +8,14 @@ One optimizer step =
   3. all-reduce the step's per-domain sums once (:class:`mixtrain.signals.SignalBus`),
   4. every ``update_every`` steps: collect the signals the policy asked for, ``policy.update``,
      broadcast rank 0's weights, give them to the sampler (they apply from the next step),
-  5. dev evaluation / metrics / checkpoint as configured.
+  5. dev evaluation / metrics / checkpoint as configured,
+  6. stop early, after a checkpoint, when a SIGTERM/SIGINT arrived on any rank or
+     ``train.time_limit`` is near (all ranks agree through one all-reduce per step); the run
+     then returns ``interrupted`` and the CLI exits with :data:`mixtrain.faults.EXIT_PREEMPTED`.
+
+Resume picks the newest checkpoint that verifies against its manifest (see
+:mod:`mixtrain.checkpoint`); with several ranks, a rank that stops responding is named and the
+others exit (:class:`mixtrain.faults.RankWatchdog`).
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from . import policies
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
-    latest_checkpoint,
+    check_checkpoint,
+    find_resumable,
     load_checkpoint,
+    read_state,
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_fingerprint
 from .data import collate_examples, encode_domains, load_domains, load_tokenizer
 from .engine import LossModel, build_engine, build_model, init_distributed
+from .faults import RankWatchdog, StopRequest, parse_duration
 from .policies import PolicyContext
 from .sampler import MixtureSampler, SamplerExhausted, shard, validate_weights
 from .signals import LossOutput, SignalBus, dev_losses
@@ -150,11 +160,97 @@ def _check_start(cfg: Config, policy: policies.MixingPolicy, enc: list[Any]) -> 
             )
 
 
+def _start_watchdog(info: Any, timeout: float) -> RankWatchdog | None:
+    if info.world_size < 2:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError) as e:  # no store to heartbeat through: collectives still time out
+        log.warning("no rendezvous store for the rank watchdog (%s); relying on train.dist_timeout alone", e)
+        return None
+    return RankWatchdog(store, info.rank, info.world_size, timeout).start()
+
+
+def _choose_resume(cfg: Config, ckpt_root: Path, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (``None``: start fresh); rank 0 verifies, every rank agrees."""
+    t = cfg.train
+    if t.resume in ("none", "", "false"):
+        return None
+    if t.resume != "auto":
+        path = Path(t.resume)
+        if not path.is_dir():
+            raise ConfigError(f"train.resume: checkpoint directory {t.resume!r} does not exist")
+    pick: list[Any] = [None, None]
+    if is_main:
+        try:
+            if t.resume == "auto":
+                found, _ = find_resumable(ckpt_root)
+                pick = [None if found is None else str(found), None]
+            else:
+                v = check_checkpoint(path)
+                if not v.ok:
+                    raise CheckpointError(f"train.resume: {v.problem}")
+                if not v.verified:
+                    log.warning("checkpoint %s: %s; resuming from it unverified", path, v.problem)
+                pick = [str(path), None]
+        except CheckpointError as e:
+            pick = [None, str(e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(pick, src=0)
+    if pick[1] is not None:
+        raise CheckpointError(pick[1])
+    return None if pick[0] is None else Path(pick[0])
+
+
+def _looks_distributed(e: BaseException) -> bool:
+    """A failed collective (gloo reports a dead peer as a plain RuntimeError from its transport)."""
+    if isinstance(e, CheckpointError) or type(e).__name__ == "ExportError":
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "timed out"))
+
+
+def _agree_stop(code: int) -> int:
+    """The largest stop code of all ranks (0: continue), so every rank stops at the same step."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return code
+
+
+_STOP_REASONS = {1: "signal", 2: "time_limit"}
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary dict (rank-local)."""
-    # ---- processes, logging, output dir ---------------------------------------------------
-    info = init_distributed()
+    """Run (or resume) training as configured; returns a summary dict (rank-local).
+
+    ``summary["interrupted"]`` is ``"signal"`` or ``"time_limit"`` when the run stopped early
+    after writing a checkpoint (run the same command to continue), else ``None``.
+    """
+    started = time.monotonic()
+    t = cfg.train
+    deadline = None if t.time_limit is None else started + parse_duration(t.time_limit, "train.time_limit")
+    info = init_distributed(timeout=t.dist_timeout)
     _setup_logging(info.is_main)
+    watchdog = _start_watchdog(info, t.dist_timeout)
+    try:
+        with StopRequest() as stopper:
+            return _train(cfg, info, stopper, deadline)
+    except RuntimeError as e:
+        if watchdog is not None and _looks_distributed(e):  # a peer died mid-collective: let the watchdog name it
+            watchdog.join_verdict()
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None) -> dict[str, Any]:
+    # ---- output dir -------------------------------------------------------------------------
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.output_dir)
@@ -306,25 +402,16 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_root = out / "checkpoints"
-    resume_from: Path | None = None
-    if t.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif t.resume not in ("none", "", "false"):
-        resume_from = Path(t.resume)
-        if not resume_from.is_dir():
-            raise ConfigError(f"train.resume: checkpoint directory {t.resume!r} does not exist")
+    resume_from = _choose_resume(cfg, ckpt_root, info.is_main)
     if resume_from is not None:
-        state = json.loads((resume_from / "mixtrain_state.json").read_text()) \
-            if (resume_from / "mixtrain_state.json").is_file() else None
-        if state is None:
-            raise CheckpointError(f"{resume_from} is not a complete mixtrain checkpoint")
+        state = read_state(resume_from)
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(
                 f"checkpoint {resume_from} was written by a different config (fingerprint "
                 f"{state.get('fingerprint')} vs {fingerprint}: model, data, mixing or optimisation "
                 "settings differ); refusing to resume. Use another output_dir or train.resume=none"
             )
-        if state["global_batch_size"] != global_batch:
+        if state.get("global_batch_size") != global_batch:
             raise CheckpointError(
                 f"checkpoint {resume_from} used global batch {state['global_batch_size']}, this run "
                 f"{global_batch} (micro_batch_size x grad_accum x world_size); keep it equal to resume"
@@ -337,7 +424,12 @@ def train(cfg: Config) -> dict[str, Any]:
         step, tokens, input_tokens = state["step"], state["tokens"], state["input_tokens"]
         log.info("resumed from %s at step %d", resume_from, step)
 
+    save_seconds = 0.0
+    saved_at = -1
+
     def save() -> None:
+        nonlocal save_seconds, saved_at
+        t_save = time.perf_counter()
         state = {
             "version": 1, "step": step, "tokens": tokens, "input_tokens": input_tokens,
             "fingerprint": fingerprint, "global_batch_size": global_batch, "world_size": info.world_size,
@@ -345,6 +437,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "bus": bus.state_dict(), "history": history,
         }
         save_checkpoint(engine, ckpt_root, step, state, rank=info.rank, keep=t.keep_checkpoints)
+        save_seconds, saved_at = time.perf_counter() - t_save, step
 
     # ---- steps --------------------------------------------------------------------------------
     metrics = MetricsWriter(out, info.is_main, step, t.tensorboard)
@@ -365,6 +458,8 @@ def train(cfg: Config) -> dict[str, Any]:
         if acc_eval is not None:
             rec0["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
         metrics.write(rec0)
+    interrupted: str | None = None
+    slowest_step = 0.0
     while step < t.steps:
         t0 = time.perf_counter()
         try:
@@ -453,8 +548,32 @@ def train(cfg: Config) -> dict[str, Any]:
             bar.update(1)
         if (t.save_every and step % t.save_every == 0) or is_last:
             save()
-    if stopped and step > 0:
+        slowest_step = max(slowest_step, time.perf_counter() - t0)
+        if not is_last:
+            # the next step and a checkpoint must fit before the deadline (twice the slowest seen)
+            late = deadline is not None and time.monotonic() + 2 * (slowest_step + max(save_seconds, 1.0)) > deadline
+            code = _agree_stop(1 if stopper.requested else 2 if late else 0)
+            if code:
+                interrupted = _STOP_REASONS.get(code, "signal")
+                if saved_at != step:
+                    save()
+                break
+    if stopped and step > 0 and saved_at != step:
         save()
+    if interrupted is not None:
+        if bar is not None:
+            bar.close()
+        if collector is not None:
+            collector.remove()
+        metrics.close()
+        why = "a stop signal" if interrupted == "signal" else f"train.time_limit={t.time_limit}"
+        if info.is_main:
+            log.warning("stopped at step %d; run the same command to resume (%s)", step, why)
+        if dist.is_initialized():
+            dist.barrier()
+        return {"step": step, "tokens": tokens, "input_tokens": input_tokens, "weights": sampler.weights.tolist(),
+                "fractions": sampler.fractions(), "dev_loss": None if last_dev is None else last_dev.tolist(),
+                "output_dir": str(out), "model_dir": None, "interrupted": interrupted}
     if bar is not None:
         bar.close()
     if collector is not None:
@@ -481,4 +600,5 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.barrier()
     return {"step": step, "tokens": tokens, "input_tokens": input_tokens, "weights": sampler.weights.tolist(),
             "fractions": sampler.fractions(), "dev_loss": None if last_dev is None else last_dev.tolist(),
-            "output_dir": str(out), "model_dir": None if model_dir is None else str(model_dir)}
+            "output_dir": str(out), "model_dir": None if model_dir is None else str(model_dir),
+            "interrupted": None}

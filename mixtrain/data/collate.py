@@ -51,6 +51,9 @@ class EncodedDomain:
     ``train_positions``: with packing, the position ids of every training row (parallel to
     ``train``, restarting at 0 at each example start; see the module docstring); ``None``
     otherwise. Rows stay ``(input_ids, labels)`` pairs so code that only needs tokens is unchanged.
+    ``truncated``: training rows longer than ``max_length`` before the cut (0 with packing, which
+    never cuts); ``prompt_too_long``: those of them whose prompt alone fills ``max_length``, so
+    no trained token is left.
     """
 
     name: str
@@ -58,6 +61,8 @@ class EncodedDomain:
     dev: list[Row]
     records: list[Record]
     train_positions: list[list[int]] | None = None
+    truncated: int = 0
+    prompt_too_long: int = 0
 
     def __post_init__(self) -> None:
         if self.train_positions is None:
@@ -88,6 +93,23 @@ def _tokenize(
                         plain_text=r.plain_text)
         for r in records
     ]
+
+
+def _tokenize_counted(
+    tok: ByteTokenizer | HFTokenizer, records: Sequence[Record], max_length: int, train_on_prompt: bool
+) -> tuple[list[Row], int, int]:
+    """:func:`_tokenize` (truncation is a prefix cut) plus ``(rows cut, rows left without a trained
+    label)``, counted on the uncut encoding."""
+    rows: list[Row] = []
+    cut = dead = 0
+    for ids, labels in _tokenize(tok, records, 1 << 30, train_on_prompt):
+        if len(ids) > max_length:
+            cut += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(x == IGNORE_INDEX for x in labels[1:]):
+                dead += 1
+        rows.append((ids, labels))
+    return rows, cut, dead
 
 
 def pack_rows(rows: Sequence[Row], max_length: int) -> tuple[list[Row], list[list[int]]]:
@@ -149,16 +171,17 @@ def encode_domains(
     out = []
     for d in domains:
         positions = None
+        cut = dead = 0
         if packing:
             train, positions = pack_rows(_tokenize(tok, d.train, 1 << 30, train_on_prompt), max_length)
             _warn_split(d.name, positions, max_length)
         else:
-            train = _tokenize(tok, d.train, max_length, train_on_prompt)
+            train, cut, dead = _tokenize_counted(tok, d.train, max_length, train_on_prompt)
         dev_records = d.dev[:max_dev_examples] if max_dev_examples else d.dev
         dev = encode_records(tok, dev_records, max_length=max_length, train_on_prompt=train_on_prompt)
         if not packing:
-            _warn_truncation(d.name, train, max_length)
-        out.append(EncodedDomain(d.name, train, dev, list(d.train), positions))
+            _report_truncation(d.name, len(train), cut, dead, max_length)
+        out.append(EncodedDomain(d.name, train, dev, list(d.train), positions, cut, dead))
     return out
 
 
@@ -176,18 +199,19 @@ def _warn_split(name: str, positions: Sequence[Sequence[int]], max_length: int) 
         )
 
 
-def _warn_truncation(name: str, rows: Sequence[Row], max_length: int) -> None:
-    """Warn when ``max_length`` cuts much of a domain: rows that reach it were (probably)
-    truncated; rows left without a trained label token teach nothing but are still sampled."""
-    if not rows:
+def _report_truncation(name: str, n: int, cut: int, dead: int, max_length: int) -> None:
+    """Report per domain how many rows ``max_length`` cuts and how many of them keep no trained
+    token (their prompt alone fills it: they teach nothing but are still sampled). A warning when
+    more than a quarter are cut or more than a tenth are left empty (so always when most rows
+    are cut), else an info line when any row is cut."""
+    if not n or not cut:
         return
-    cut = sum(1 for ids, _ in rows if len(ids) >= max_length)
-    dead = sum(1 for _, lab in rows if all(x == IGNORE_INDEX for x in lab[1:]))
-    if dead / len(rows) > 0.1 or cut / len(rows) > 0.25:
-        log.warning(
-            "domain %r: %d of %d rows reach max_length=%d (truncated) and %d have no trained token left; "
-            "raise data.max_length or shorten the records", name, cut, len(rows), max_length, dead,
-        )
+    level = logging.WARNING if dead / n > 0.1 or cut / n > 0.25 else logging.INFO
+    log.log(
+        level, "domain %r: %d of %d rows reach max_length=%d (truncated) and %d have no trained token left "
+        "(the prompt alone fills max_length)%s", name, cut, n, max_length, dead,
+        "; raise data.max_length or shorten the records" if level == logging.WARNING else "",
+    )
 
 
 def collate(

@@ -6,13 +6,20 @@ Every record is normalised to ``(messages, plain_text)``:
 * ``{"prompt": ..., "response": ...}`` → user + assistant messages,
 * ``{"text": ...}`` → one plain-text document trained on every token.
 
-Files are untrusted: JSON only (``json.loads``), and errors name the file and line.
+Files are untrusted: JSON only (``json.loads``), and every error is a :class:`DataError` naming
+the file, the line (or the record index of an HF dataset) and what was expected: bytes that are
+not UTF-8 (with their offset), a last line cut short, a wrong field type, an unknown role, an
+empty response, text with an unpaired surrogate escape (``"\\ud800"``: no UTF-8 form). A line
+longer than :data:`MAX_LINE_BYTES` (16 MiB) is refused after reading at most that much of it: one
+record per line is expected, and a line that long is a broken file (or binary data) far more
+often than a real example, which ``data.max_length`` would cut anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "DataError",
     "Domain",
     "Record",
@@ -57,56 +65,145 @@ class Domain:
     dev: list[Record] = field(default_factory=list)
 
 
-_ROLES = {"system", "user", "assistant", "tool"}
+_ROLES = ("system", "user", "assistant", "tool")
+MAX_LINE_BYTES = 16 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _kind(v: Any) -> str:
+    """JSON type name of ``v`` for messages (``object``, ``array``, ``string``, ...)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(v), type(v).__name__)
+
+
+def _string(where: str, field_name: str, v: Any, *, non_empty: bool) -> str:
+    if not isinstance(v, str):
+        raise DataError(f"{where}: {field_name} must be a string, got {_kind(v)} {_short(v)}")
+    bad = _SURROGATE.search(v)
+    if bad:
+        raise DataError(f"{where}: {field_name} contains the unpaired surrogate \\u{ord(bad.group()):04x} at "
+                        f"character {bad.start()}; expected valid Unicode text")
+    if non_empty and not v.strip():
+        raise DataError(f"{where}: {field_name} is {'empty' if not v else 'only whitespace'}; expected text to "
+                        "train on")
+    return v
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def normalize_record(obj: Any, where: str) -> Record:
-    """Normalise one raw record (see module docstring); ``where`` is used in error messages."""
+    """Normalise one raw record (see module docstring); ``where`` is used in error messages.
+
+    Assistant turns, ``response`` and ``text`` must be non-empty strings (the text trained on);
+    system / user turns and ``prompt`` may be empty strings.
+
+    Raises:
+        DataError: naming ``where``, the field and what was expected.
+    """
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object with 'messages', 'prompt'+'response' or 'text', got "
+                        f"{_kind(obj)} {_short(obj)}")
     if "messages" in obj:
         msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        if not isinstance(msgs, list):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects, got {_kind(msgs)}")
+        if not msgs:
+            raise DataError(f"{where}: 'messages' is empty; expected at least one assistant turn")
         out = []
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: messages[{j}] must have 'role' and 'content'")
-            if m["role"] not in _ROLES or not isinstance(m["content"], str):
-                raise DataError(
-                    f"{where}: messages[{j}] has role {m['role']!r} (expected one of "
-                    f"{sorted(_ROLES)}) or non-string content"
-                )
-            out.append((m["role"], m["content"]))
+                got = sorted(map(str, m))[:10] if isinstance(m, dict) else _kind(m)
+                raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', got {got}")
+            role = m["role"]
+            if not isinstance(role, str) or role not in _ROLES:
+                raise DataError(f"{where}: messages[{j}].role is {_short(role)}; expected one of {', '.join(_ROLES)}")
+            content = _string(where, f"messages[{j}].content", m["content"], non_empty=role == "assistant")
+            out.append((role, content))
         if not any(r == "assistant" for r, _ in out):
             raise DataError(f"{where}: 'messages' has no assistant turn to train on")
         return Record(tuple(out))
     if "prompt" in obj and "response" in obj:
-        p, r = obj["prompt"], obj["response"]
-        if not isinstance(p, str) or not isinstance(r, str):
-            raise DataError(f"{where}: 'prompt' and 'response' must be strings")
+        p = _string(where, "'prompt'", obj["prompt"], non_empty=False)
+        r = _string(where, "'response'", obj["response"], non_empty=True)
         return Record((("user", p), ("assistant", r)))
     if "text" in obj:
-        if not isinstance(obj["text"], str) or not obj["text"]:
-            raise DataError(f"{where}: 'text' must be a non-empty string")
-        return Record((("text", obj["text"]),), plain_text=True)
+        return Record((("text", _string(where, "'text'", obj["text"], non_empty=True)),), plain_text=True)
     raise DataError(
-        f"{where}: record has keys {sorted(obj)[:10]}; expected 'messages', "
+        f"{where}: record has keys {sorted(map(str, obj))[:10]}; expected 'messages', "
         "'prompt'+'response', or 'text'"
     )
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _lines(f: Any, path: Path) -> Iterable[tuple[int, bytes, bool]]:
+    """``(line number, bytes without the newline, ended by a newline)``; refuses over-long lines
+    after reading at most ``MAX_LINE_BYTES`` + 1 bytes of them."""
+    lineno = 0
+    while True:
+        pieces: list[bytes] = []
+        size = 0
+        while True:  # in 1 MiB pieces, so an over-long line costs at most MAX_LINE_BYTES of memory
+            piece = f.readline(1 << 20)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+            if piece.endswith(b"\n") or size > MAX_LINE_BYTES:
+                break
+        if not pieces:
+            return
+        lineno += 1
+        if size > MAX_LINE_BYTES:
+            raise DataError(
+                f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; expected one JSON record per line "
+                "(is this a JSONL file? records that long would be cut to data.max_length anyway)"
+            )
+        line = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
+        ended = line.endswith(b"\n")
+        yield lineno, line.rstrip(b"\r\n") if ended else line, ended
+
+
 def read_jsonl(path: Path) -> list[Record]:
-    """Read one JSONL file; blank lines are skipped; errors name the file and line."""
+    """Read one JSONL file; blank lines are skipped.
+
+    Raises:
+        DataError: naming the file, the line and what was expected (see the module docstring).
+    """
     out: list[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, so decoding errors get a line number
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw, ended in _lines(f, path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not "
+                                f"UTF-8 ({e.reason}); expected UTF-8 text") from None
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_no_constants)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+                if not ended:
+                    raise DataError(f"{path}:{lineno}: the last line is cut short (no newline at the end and "
+                                    f"not valid JSON: {e.msg} at column {e.colno}); the file looks truncated") from None
+                raise DataError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+            except ValueError as e:  # NaN / Infinity constants, over-long integers
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply; expected a flat record") from None
             out.append(normalize_record(obj, f"{path}:{lineno}"))
     return out
 
@@ -131,7 +228,7 @@ def _load_hf(path: Path) -> list[Record]:
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
         ds = ds["train"]
-    return [normalize_record(dict(row), f"{path}[{i}]") for i, row in enumerate(ds)]
+    return [normalize_record(dict(row), f"{path} record {i}") for i, row in enumerate(ds)]
 
 
 def load_path(path: str | Path) -> list[Record]:
