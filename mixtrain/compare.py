@@ -64,6 +64,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, load_config
+from .engine import default_accelerator
 
 __all__ = [
     "ALIASES",
@@ -310,7 +311,7 @@ def _launch(job: _Job, config: str, python: str) -> None:
     m.setdefault("wall_time", 0.0)
     _write_marker(job.run_dir, m)
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("DS_ACCELERATOR", default_accelerator())
     with open(job.run_dir / "train.log", "a", encoding="utf-8") as logf:
         logf.write(f"\n==== attempt {m['attempts']}: {shlex.join(cmd)}\n")
         logf.flush()
