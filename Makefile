@@ -11,7 +11,7 @@ STAMP := $(VENV)/.mixkernels-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: setup models test test-cpu test-triton demo demo-tiny bench lint clean
+.PHONY: setup models test test-cpu test-triton demo demo-tiny bench gpu-check lint clean
 
 setup: $(STAMP) models
 
@@ -55,6 +55,13 @@ BENCHES := segment_sum linear_ce router_stats grad_proj gradex loop
 bench: setup
 	$(PIP) install -q traker || echo "traker not installed: bench_grad_proj skips its TRAK row"
 	for b in $(BENCHES); do PYTHONPATH=. $(PY) bench/bench_$$b.py || exit 1; done
+
+# On a GPU machine, from a clean clone: set-up for this GPU's arch, info, selftest on cuda, the cuda
+# tests and every benchmark's --quick GPU mode, in <= 8 minutes; everything lands in $(OUT).
+# `bash bench/gpu_check.sh --dry-run` checks the plan on any machine (a test in `make test`).
+OUT ?= gpu-check-$(shell date -u +%Y%m%d-%H%M%S)
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
 
 lint: setup
 	$(PY) -m ruff check mixkernels mixtrain tests bench

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS_DIR redirects the CSVs (bench/gpu_check.sh collects them in its output folder).
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def _commit() -> str:
@@ -191,4 +192,6 @@ class Harness:
             if new:
                 writer.writeheader()
             writer.writerows(rows)
-        print(f"(appended {len(rows)} rows to {path.relative_to(RESULTS.parent.parent)})")
+        repo = Path(__file__).resolve().parent.parent
+        shown = path.resolve().relative_to(repo) if path.resolve().is_relative_to(repo) else path
+        print(f"(appended {len(rows)} rows to {shown})")

@@ -2,6 +2,8 @@
 
     python bench/bench_grad_proj.py            # the goal sizes (minutes on 2 shared cores)
     python bench/bench_grad_proj.py --tiny     # smoke test at the tiniest sizes
+    python bench/bench_grad_proj.py --quick    # the same as --tiny on CPU
+    python bench/bench_grad_proj.py --device cuda [--quick]   # GPU, 1B Llama shape (bench/_grad_proj_gpu.py)
 
 Part 1, model Llama-shaped d=512, intermediate 1376, 4 layers, vocab 4096, B=8, T=128, fp32,
 all decoder linear layers projected, factored rank (16, 16). Rows (time ratio to the plain step
@@ -221,10 +223,18 @@ def child(what: str, cfg) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="CPU: the same as --tiny; cuda: smaller batch")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", default=None)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: model,project,trak,torchfunc")
     parser.add_argument("--model", default=None, help="also the pretrained-model part (e.g. smollm2-135m-instruct)")
     args = parser.parse_args()
+    if args.device == "cuda":
+        from _grad_proj_gpu import gpu_main
+
+        gpu_main(args.quick)
+        return
+    args.tiny = args.tiny or args.quick
     cfg = TINY if args.tiny else FULL
     if args.child and args.child.startswith("pretrained-"):
         pretrained_child(args.child.removeprefix("pretrained-"), args.model)

@@ -166,10 +166,12 @@ def bench_pass(h: Harness, n: int, d: int, smoke: bool, pretrained: str | None =
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the same as --smoke (bench/gpu_check.sh)")
     ap.add_argument("--child", nargs=4)
     ap.add_argument("--model", default=None, help="also the gradient pass on this pretrained model (+ LoRA r16)")
     ap.add_argument("--skip-toy", action="store_true", help="with --model: only the pretrained-model pass")
     args = ap.parse_args()
+    args.smoke = args.smoke or args.quick
     torch.set_num_threads(2)
     if args.child:
         which, n, d, kind = args.child

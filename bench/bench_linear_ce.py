@@ -2,6 +2,8 @@
 
     python bench/bench_linear_ce.py            # the goal cases (minutes on 2 cores)
     python bench/bench_linear_ce.py --smoke    # tiny shapes, seconds (keeps the script from rotting)
+    python bench/bench_linear_ce.py --quick    # the same as --smoke on CPU
+    python bench/bench_linear_ce.py --device cuda [--quick]   # GPU, bf16 (--quick: the target case only)
 
 Per case (fp32 unless noted, 8 groups, 2 threads), forward + backward of the mean loss:
 * floor   -- the three GEMMs of forward + backward (logits = h W^T, dh = dz W, dW = dz^T h), each
@@ -11,6 +13,12 @@ Per case (fp32 unless noted, 8 groups, 2 threads), forward + backward of the mea
 * ours    -- mixkernels.linear_cross_entropy(..., group_ids, num_groups) with the auto backend.
 Ratios are measured in the same run. Peak extra memory: RSS growth of a fresh child process that
 builds the inputs, then runs one forward + backward (bench/_harness.py).
+
+GPU mode (bf16, CUDA events): the same three rows (the floor's GEMMs in bf16 on tensor cores,
+eager upcasting the logits to fp32 as transformers does), ours for the cxx and triton backends,
+peak device memory per implementation, and 6 N d V FLOPs / time against the device's dense bf16
+peak (bench/_gpu.py). TARGETS (not results), after Liger-Kernel and Cut Cross-Entropy:
+time <= 1.15x the 3-GEMM floor and peak memory <= 1/8 of eager at N = 16k, d = 4096, V = 128k bf16.
 """
 
 from __future__ import annotations
@@ -129,13 +137,117 @@ def measure(fn, repeat: int) -> tuple[float, float]:
     return statistics.median(walls), min(cpus)
 
 
+GPU_CASES = {
+    "N=16384 d=4096 V=131072 bf16": (16384, 4096, 131072, torch.bfloat16),  # the target case
+    "N=8192 d=4096 V=32000 bf16": (8192, 4096, 32000, torch.bfloat16),
+    "N=16384 d=2048 V=151936 bf16": (16384, 2048, 151936, torch.bfloat16),
+}
+TARGET_X_FLOOR = 1.15  # time / 3-GEMM floor at the first GPU case: a target, not a measurement
+TARGET_MEM_VS_EAGER = 1 / 8
+
+
+def gpu_main(quick: bool) -> None:
+    """floor / eager / ours (cxx, triton) on CUDA in bf16, with FLOP/s vs the dense bf16 peak."""
+    from _gpu import (
+        DEVICE,
+        SMOKE,
+        backends,
+        device_peaks,
+        empty_cache,
+        fraction,
+        gpu_peak_mb,
+        gpu_time,
+        require_cuda,
+    )
+
+    require_cuda("bench_linear_ce")
+    peaks = device_peaks(quick=quick)
+    print(peaks.describe())
+    h = Harness("linear_ce_cuda")
+    cases = {"N=64 d=16 V=301 bf16": (64, 16, 301, torch.bfloat16)} if SMOKE else (
+        dict(list(GPU_CASES.items())[:1]) if quick else GPU_CASES)
+    repeat = 3 if quick else 10
+    for i, (case, (n, d, v, dtype)) in enumerate(cases.items()):
+        h_, w_, y_, g_ = make_inputs(n, d, v, torch.float32)
+        inputs = (h_.detach().to(DEVICE, dtype).requires_grad_(), w_.detach().to(DEVICE, dtype).requires_grad_(),
+                  y_.to(DEVICE), g_.to(DEVICE))
+        del h_, w_, y_, g_
+        flops = 6 * n * d * v
+        h32, w32, y, groups = inputs
+
+        def floor_run(h=h32, w=w32):
+            with torch.no_grad():
+                z = h @ w.T
+                return z @ w, z.T @ h
+
+        def eager_run(h=h32, w=w32, y=y, groups=groups):
+            h.grad = w.grad = None
+            tok = F.cross_entropy((h @ w.T).float(), y, reduction="none")
+            valid = y != -100
+            sums = torch.zeros(GROUPS, device=DEVICE).index_add_(0, groups[valid], tok.detach()[valid])
+            (tok.sum() / valid.sum()).backward()
+            return sums
+
+        def ours_run(backend, h=h32, w=w32, y=y, groups=groups):
+            h.grad = w.grad = None
+            with mixkernels.backend(backend):
+                out = mixkernels.linear_cross_entropy(h, w, y, group_ids=groups, num_groups=GROUPS)
+            out.loss.backward()
+            return out.group_loss
+
+        def peak(fn, h=h32, w=w32):
+            h.grad = w.grad = None  # the previous run's gradients are not part of this one's peak
+            return gpu_peak_mb(fn)
+
+        t_floor = gpu_time(floor_run, warmup=1, repeat=repeat)
+        results = {}
+        impls = [("eager (bf16 GEMM, fp32 logits)", eager_run)]
+        impls += [(f"ours {b}", lambda b=b: ours_run(b)) for b in backends("linear_ce")]
+        for name, fn in impls:
+            try:
+                results[name] = (gpu_time(fn, warmup=1, repeat=repeat), peak(fn), fn())
+            except torch.cuda.OutOfMemoryError as e:
+                results[name] = None
+                print(f"{case} {name}: out of memory ({str(e).splitlines()[0]})")
+            empty_cache()
+        eager = results["eager (bf16 GEMM, fp32 logits)"]
+        target = i == 0
+        h.row(case=case, impl="3-GEMM floor (bf16)", seconds=t_floor, tflops=round(flops / t_floor / 1e12, 1),
+              bf16_fraction=fraction(flops / t_floor / 1e12, peaks.bf16_tflops), device=peaks.device)
+        for name, res in results.items():
+            if res is None:
+                h.row(case=case, impl=name, seconds=float("nan"), note="out of memory", device=peaks.device)
+                continue
+            t, mem, group_loss = res
+            if eager is not None and name != "eager (bf16 GEMM, fp32 logits)":
+                torch.testing.assert_close(group_loss, eager[2], rtol=2e-2, atol=2e-2 * float(eager[2].abs().max()))
+            is_ours = name.startswith("ours")
+            h.row(case=case, impl=name, seconds=t, baseline="3-GEMM floor", baseline_seconds=t_floor,
+                  x_floor=round(t / t_floor, 3), tflops=round(flops / t / 1e12, 1),
+                  bf16_fraction=fraction(flops / t / 1e12, peaks.bf16_tflops), peak_mb=mem,
+                  mem_vs_eager=round(mem / eager[1], 3) if eager is not None and eager[1] > 0 else "",
+                  target=(f"x_floor <= {TARGET_X_FLOOR}, mem_vs_eager <= 1/8" if target and is_ours else ""),
+                  device=peaks.device)
+        del inputs, h32, w32, y, groups
+        empty_cache()
+        print(h.table(), flush=True)
+    h.finish()
+    print(f"peaks: {peaks.describe()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes only")
+    parser.add_argument("--quick", action="store_true", help="CPU: the same as --smoke; cuda: the target case only")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--case", action="append", help="run only these case names")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda":
+        gpu_main(args.quick)
+        return
+    args.smoke = args.smoke or args.quick
     if args.child:
         child(args.child[0], args.child[1], args.smoke)
         return

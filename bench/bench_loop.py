@@ -284,6 +284,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["mixtrain", "hf", "signals", "load"])
     ap.add_argument("--tiny", action="store_true", help="smoke size")
+    ap.add_argument("--quick", action="store_true", help="the same as --tiny (bench/gpu_check.sh)")
     ap.add_argument("--model", default=None, help="a pretrained model name or path (default: a tiny random Llama)")
     ap.add_argument("--finetune", choices=["lora", "full"], default="lora", help="with --model (default lora)")
     ap.add_argument("--hidden", type=int, default=128)
@@ -299,6 +300,7 @@ def main() -> None:
     ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
     ap.add_argument("--load", action="store_true", help="with --model: also time the first and a cached load")
     a = ap.parse_args()
+    a.tiny = a.tiny or a.quick
     if a.tiny:
         a.hidden, a.layers, a.seq, a.mbs, a.ga, a.steps, a.warmup, a.rounds = 32, 1, 208, 2, 1, 5, 2, 1
     elif a.model and not a.child:  # the real model: micro-batch 4 x 256 tokens, fewer (slow) steps

@@ -2,6 +2,8 @@
 
     python bench/bench_router_stats.py            # L=24 N=8192 E=64 k=8 G=8, 2 torch threads
     python bench/bench_router_stats.py --tiny     # smoke size, prints only (no CSV)
+    python bench/bench_router_stats.py --quick    # the same as --tiny on CPU
+    python bench/bench_router_stats.py --device cuda [--quick]   # GPU: cxx, triton vs transformers
 
 Rows (ratios measured side by side in one run; > 1 means faster than the baseline):
 * all RouterStats fields vs a naive per-group PyTorch oracle (softmax, topk, one_hot, boolean
@@ -16,6 +18,12 @@ Rows (ratios measured side by side in one run; > 1 means faster than the baselin
   the A/B spread on a shared 2-core machine (about +-2 %) exceeds the cost, the direct number
   does not;
 * peak extra RSS of each variant in a fresh child process.
+
+GPU mode (CUDA events; ``--quick``: one fp32 case): router_stats + the load-balancing loss from
+the same stats (cxx, triton) vs transformers' load_balancing_loss_func on the same CUDA tensors,
+forward and forward + backward, and logits bytes read / time against the HBM bandwidth
+(bench/_gpu.py). TARGET (not a result): the fused router_stats + load-balancing loss >= 5x
+transformers' function.
 """
 
 from __future__ import annotations
@@ -178,13 +186,80 @@ def child(kind: str, num_layers: int, n: int, e: int, k: int, num_groups: int) -
         report_child_peak(fns[kind])
 
 
+GPU_CASES = [(24, 32768, 64, 8, 8, torch.float32), (24, 32768, 64, 8, 8, torch.bfloat16),
+             (16, 131072, 128, 8, 8, torch.float32)]
+TARGET_VS_HF = 5.0  # fused router_stats + lbl vs transformers' function: a target, not a measurement
+
+
+def _gpu_case(h: Harness, peaks, shape: tuple) -> None:
+    """One GPU case: transformers' function, then router_stats + lbl for cxx and triton."""
+    from _gpu import DEVICE, backends, fraction, gpu_time
+
+    num_layers, n, e, k, num_groups, dtype = shape
+    logits, am, groups = make_inputs(num_layers, n, e, num_groups)
+    logits = tuple(z.to(DEVICE, dtype) for z in logits)
+    am, groups = am.to(DEVICE), groups.to(DEVICE)
+    mask = am.reshape(-1) != 0
+    lbl = hf_lbl()
+    case = f"L={num_layers} N={n} E={e} k={k} G={num_groups} {str(dtype).removeprefix('torch.')}"
+    moved = num_layers * n * e * logits[0].element_size() + n * (8 + 1)  # logits, group ids, mask
+    t_hf = gpu_time(lambda: lbl(logits, e, k, am))
+    want = lbl(logits, e, k, am)
+    h.row(case=case, impl="transformers load_balancing_loss_func (mask)", seconds=t_hf,
+          hbm_fraction=fraction(moved / t_hf / 1e9, peaks.hbm_gbs), device=peaks.device)
+
+    def backward_case(fn):
+        leaves = [z.clone().requires_grad_() for z in logits]
+        return lambda: fn(leaves).backward()
+
+    def fused():
+        return mixkernels.router_stats(logits, k, group_ids=groups, num_groups=num_groups,
+                                       mask=mask).load_balancing_loss()
+
+    t_hf_bwd = gpu_time(backward_case(lambda zs: lbl(tuple(zs), e, k, am)))
+    h.row(case=case, impl="transformers lbl fwd+bwd (mask)", seconds=t_hf_bwd, device=peaks.device)
+    for backend in backends("router_stats"):
+        with mixkernels.backend(backend):
+            torch.testing.assert_close(fused().float(), want.float(), rtol=1e-4, atol=1e-5)
+            t = gpu_time(fused)
+            t_bwd = gpu_time(backward_case(lambda zs: mixkernels.load_balancing_loss(zs, e, k, am)))
+        h.row(case=case, impl=f"router_stats (all fields) + lbl from the stats [{backend}]", seconds=t,
+              baseline="HF lbl (mask)", baseline_seconds=t_hf, gbs=round(moved / t / 1e9, 1),
+              hbm_fraction=fraction(moved / t / 1e9, peaks.hbm_gbs), target=f">= {TARGET_VS_HF:g}x HF",
+              device=peaks.device)
+        h.row(case=case, impl=f"load_balancing_loss fwd+bwd [{backend}]", seconds=t_bwd,
+              baseline="HF lbl fwd+bwd", baseline_seconds=t_hf_bwd, device=peaks.device)
+
+
+def gpu_main(quick: bool) -> None:
+    """router_stats + lbl (cxx, triton) vs transformers' load_balancing_loss_func on CUDA."""
+    from _gpu import SMOKE, device_peaks, empty_cache, require_cuda
+
+    require_cuda("bench_router_stats")
+    peaks = device_peaks(quick=quick)
+    print(peaks.describe())
+    h = Harness("router_stats_cuda")
+    cases = [(2, 256, 12, 3, 3, torch.float32)] if SMOKE else GPU_CASES[:1] if quick else GPU_CASES
+    for shape in cases:
+        _gpu_case(h, peaks, shape)
+        empty_cache()
+    h.finish()
+    print(f"peaks: {peaks.describe()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="smoke size; print only, no CSV")
+    parser.add_argument("--quick", action="store_true", help="CPU: the same as --tiny; cuda: one case")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     args = parser.parse_args()
+    if args.device == "cuda":
+        gpu_main(args.quick)
+        return
+    args.tiny = args.tiny or args.quick
     num_layers, n, e, k, num_groups = (2, 256, 12, 3, 3) if args.tiny else (24, 8192, 64, 8, 8)
     torch.set_num_threads(args.threads)
     if args.child:

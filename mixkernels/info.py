@@ -1,9 +1,11 @@
-"""``python -m mixkernels.info [--selftest]``: what this installation can do.
+"""``python -m mixkernels.info [--selftest [--device cpu|cuda]]``: what this installation can do.
 
 Prints torch / triton / CUDA versions, the extension's build info, whether ``_C`` loaded (and
-why not), and for every op which backend serves it on CPU and on CUDA. ``--selftest`` runs every
-op on small random inputs through every backend available here (Triton through its interpreter,
-in a subprocess) against the reference and prints a pass/fail table; exit code 1 on any failure.
+why not), the CUDA device when there is one, and for every op which backend serves it on CPU and
+on CUDA. ``--selftest`` runs every op on small random inputs through every backend available here
+against the reference and prints a pass/fail table; exit code 1 on any failure. On CPU, Triton
+runs through its interpreter in a subprocess; with ``--device cuda`` the inputs are moved to the
+GPU and Triton is compiled for real, in this process.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def _cpu_isa() -> str:
     return _C.cpu_isa() if hasattr(_C, "cpu_isa") else "unknown"
 
 
+def _cuda_device() -> str:
+    if not torch.cuda.is_available():
+        return "none (torch.cuda.is_available() is False)"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {torch.cuda.device_count()} visible)"
+
+
 def describe() -> str:
     lines = [
         f"python        {sys.version.split()[0]}",
@@ -51,6 +60,7 @@ def describe() -> str:
         f"build info    {_extension.read_build_info()}",
         f"_C loaded     {_extension.LOADED}" + ("" if _extension.LOADED else f"  ({_extension.REASON})"),
         f"CPU kernels   {_cpu_isa()}",
+        f"CUDA device   {_cuda_device()}",
         "",
         f"{'op':<24} {'device':<6} {'auto':<10} available backends (reason when not)",
     ]
@@ -78,6 +88,17 @@ def _flatten(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _to(obj: Any, device: str) -> Any:
+    """Every tensor in ``obj`` (tensors, lists, tuples, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 def _run_case(fn, args, kwargs, name: str) -> tuple[bool, str]:
     try:
         with _backend.backend("reference"):
@@ -97,20 +118,23 @@ def _run_case(fn, args, kwargs, name: str) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
-def selftest(backends: list[str]) -> list[tuple[str, str, str, bool, str]]:
-    """Rows (op, backend, case, passed, message) for every op x available backend x case, on CPU."""
+def selftest(backends: list[str], device: str = "cpu") -> list[tuple[str, str, str, bool, str]]:
+    """Rows (op, backend, case, passed, message) for every op x available backend x case, with the
+    inputs on ``device`` (``cpu`` or ``cuda``)."""
     torch.manual_seed(0)
     rows = []
     for op in OPS:
         module = importlib.import_module(f"mixkernels.ops.{op}")
         fn = getattr(module, op)
         for name in backends:
-            reason = _backend.unavailable_reason(op, "cpu", name)
+            reason = _backend.unavailable_reason(op, device, name)
             if reason:
                 rows.append((op, name, "-", None, f"skipped: {reason}"))
                 continue
             for case, args, kwargs in module.selftest_cases():
-                ok, message = _run_case(fn, args, kwargs, name)
+                ok, message = _run_case(fn, _to(args, device), _to(kwargs, device), name)
+                if device != "cpu" and ok:
+                    torch.cuda.synchronize()  # a device-side assert belongs to this case
                 rows.append((op, name, case, ok, message))
     return rows
 
@@ -136,14 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixkernels.info", description=__doc__.splitlines()[0])
     parser.add_argument("--selftest", action="store_true", help="run every op through every backend here")
     parser.add_argument("--backends", default="reference,cxx,triton", help="comma-separated backends to test")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the selftest inputs live")
     parser.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.selftest:
         print(describe())
         return 0
-    in_process = [b for b in backends if b != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
-    rows = selftest(in_process)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("selftest --device cuda: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 1
+    on_cpu = args.device == "cpu"
+    in_process = [b for b in backends if b != "triton" or not on_cpu or os.environ.get("TRITON_INTERPRET") == "1"]
+    rows = selftest(in_process, args.device)
     if args.rows:
         for row in rows:
             print("ROW\t" + "\t".join(str(x) for x in row))
@@ -152,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += _triton_rows()
     print(describe())
     print()
+    print(f"selftest on {args.device}")
     print(f"{'op':<24} {'backend':<10} {'case':<28} result")
     for op, name, case, ok, message in rows:
         result = "PASS" if ok else ("SKIP" if ok is None else "FAIL")

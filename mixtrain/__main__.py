@@ -16,7 +16,11 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU here; DeepSpeed must not probe CUDA
+from .engine import default_accelerator
+
+# cuda on a GPU machine, cpu elsewhere (DeepSpeed must not probe CUDA there); an explicit
+# DS_ACCELERATOR wins.
+os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "read_state",
+    "replace_dir",
     "save_checkpoint",
     "verify_dir",
     "write_manifest",
@@ -269,8 +270,9 @@ def find_resumable(root: str | Path) -> tuple[Path | None, list[Verification]]:
     return None, tried
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed after."""
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``final``; an existing ``final`` is moved aside
+    first and removed after, so ``final`` is never half-written."""
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -330,7 +332,7 @@ def save_checkpoint(engine: Any, root: str | Path, step: int, state: dict[str, A
         try:
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, allow_nan=True))
             write_manifest(tmp, "checkpoint")
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         except OSError as e:
             err = _describe(e, tmp)
     errors = errors or _gather_errors(err)

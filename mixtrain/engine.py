@@ -1,8 +1,10 @@
 """DeepSpeed set-up: process group, model, DeepSpeed config, optimizer and LR schedule.
 
 On a machine without a GPU the accelerator is DeepSpeed's ``cpu`` one, the backend ``gloo`` and
-the precision fp32. One process works without a launcher (we create a one-rank gloo group on a
-free local port); ``torchrun`` / ``deepspeed`` launchers provide ``RANK``/``WORLD_SIZE``.
+the precision fp32; with a CUDA device it is ``cuda``, ``nccl`` and (``train.precision: auto``)
+bf16 where the GPU supports it (``DS_ACCELERATOR=cpu`` still forces the CPU path). One process
+works without a launcher (we create a one-rank group on a free local port); ``torchrun`` /
+``deepspeed`` launchers provide ``RANK``/``WORLD_SIZE``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "build_ds_config",
     "build_engine",
     "build_model",
+    "default_accelerator",
     "init_distributed",
     "lr_lambda",
     "on_gpu",
@@ -32,8 +35,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def default_accelerator() -> str:
+    """DeepSpeed accelerator for this machine when ``DS_ACCELERATOR`` is unset: ``cuda`` if a CUDA
+    device is usable, else ``cpu`` (so DeepSpeed never probes CUDA on a CPU-only machine)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def on_gpu() -> bool:
-    """Whether training will run on CUDA (never the case on the CPU-only machines)."""
+    """Whether training runs on CUDA: a device is usable and ``DS_ACCELERATOR`` is not ``cpu``."""
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
@@ -72,6 +81,10 @@ def init_distributed(timeout: float | None = None) -> DistInfo:
                 RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()),
             )
+        if on_gpu():
+            # NCCL binds each rank's communicator to the current device: set it before any collective
+            # (otherwise every rank of a node would talk through cuda:0).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         kw: dict[str, Any] = {}
         if timeout is not None:
             from datetime import timedelta

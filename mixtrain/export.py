@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import _describe, write_manifest
+from .checkpoint import _describe, replace_dir, write_manifest
 from .data.tokenizer import BYTE_TOKENIZER_FILE
 from .models import quiet_progress
 
@@ -72,16 +71,6 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                     w += mod.get_delta_weight(adapter).to(w.dtype)
             out[f"{name}.weight"] = w.cpu()
     return out
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:  # the same commit as checkpoint._replace_dir
-    """Rename ``tmp`` to ``final``, replacing an older ``final`` (never left half-written)."""
-    old = final.with_name(f".old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_tokenizer(tokenizer: Any, path: Path) -> None:
@@ -147,7 +136,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, out: Path) -> Path:
             model.save_pretrained(str(staged[1][0]), safe_serialization=True)
             write_manifest(staged[1][0], "adapter")
         for tmp, final in staged:
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
     except BaseException:
         for tmp, _ in staged:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -218,6 +218,8 @@ def _convert_gguf(gguf: Path, dest: Path, *, name: str, source: dict[str, Any]) 
     import torch
     import transformers
 
+    from .checkpoint import replace_dir
+
     t0 = time.perf_counter()
     log.info("converting %s into %s (once; later loads read safetensors)", gguf.name, dest)
     with quiet_progress():
@@ -247,12 +249,7 @@ def _convert_gguf(gguf: Path, dest: Path, *, name: str, source: dict[str, Any]) 
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "convert_seconds": round(time.perf_counter() - t0, 1)}
             (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-            old = dest.with_name(f".old-{dest.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            if dest.exists():
-                os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -9,6 +9,7 @@ from torch import nn
 
 import mixkernels
 import mixkernels.hf
+from tests._devices import DEVICES, tree_to
 from tests.ops.test_router_stats import FIELDS, assert_matches, naive_oracle
 
 transformers = pytest.importorskip("transformers")
@@ -63,20 +64,21 @@ def _batch(batch, seq, seed):
 
 def _oracle_from_outputs(outputs_and_batches, top_k, layers, domains, num_groups):
     """Oracle stats over several forwards from their output_router_logits."""
-    logits = [torch.cat([out.router_logits[i] for out, _ in outputs_and_batches]) for i in layers]
-    masks = torch.cat([am.reshape(-1) for _, am in outputs_and_batches]) != 0
+    logits = [torch.cat([out.router_logits[i].cpu() for out, _ in outputs_and_batches]) for i in layers]
+    masks = torch.cat([am.reshape(-1).cpu() for _, am in outputs_and_batches]) != 0
     seq = [am.shape[1] for _, am in outputs_and_batches]
     token_groups = torch.cat([d.repeat_interleave(s) for d, s in zip(domains, seq)])
     return naive_oracle([z.detach() for z in logits], top_k, token_groups, num_groups, masks)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
-def test_collector_matches_output_router_logits_oracle(name):
+def test_collector_matches_output_router_logits_oracle(device, name):
     torch.manual_seed(0)
-    model = MODELS[name]()
+    model = MODELS[name]().to(device)
     top_k = model.config.num_experts_per_tok
-    batches = [_batch(3, 9, 1), _batch(2, 6, 2)]  # two forwards, different shapes
-    domains = [torch.tensor([2, 0, 2]), torch.tensor([1, 2])]
+    batches = tree_to([_batch(3, 9, 1), _batch(2, 6, 2)], device)  # two forwards, different shapes
+    domains = tree_to([torch.tensor([2, 0, 2]), torch.tensor([1, 2])], device)
     outputs = []
     with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model, layers="all") as collector:
         for ids, am in batches:
@@ -86,18 +88,20 @@ def test_collector_matches_output_router_logits_oracle(name):
     if name == "qwen2_moe":
         assert num_routers == 3  # layer 2 is dense (mlp_only_layers)
         assert all("shared_expert_gate" not in n for n in collector.router_names)
-    expected = _oracle_from_outputs(outputs, top_k, range(num_routers), domains, 3)
+    expected = _oracle_from_outputs(outputs, top_k, range(num_routers), tree_to(domains, "cpu"), 3)
     # explicit masks (a list, one per forward) ...
     stats = collector.stats(group_ids=torch.cat(domains), num_groups=3, attention_mask=[am for _, am in batches])
-    assert_matches(stats, expected, what=name)
+    assert_matches(tree_to(stats, "cpu"), expected, what=name, device=device)
     assert collector.num_forwards == 0  # reset
 
     # ... and the masks recorded from the forwards' kwargs; the model's own aux loss agrees
     with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
         out = model(input_ids=batches[0][0], attention_mask=batches[0][1], output_router_logits=True)
     stats = collector.stats(group_ids=domains[0], num_groups=3, attention_mask="forward")
-    assert_matches(stats, _oracle_from_outputs([(out, batches[0][1])], top_k, range(num_routers), domains[:1], 3))
-    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
+    assert_matches(tree_to(stats, "cpu"), _oracle_from_outputs([(out, batches[0][1])], top_k, range(num_routers),
+                                                            tree_to(domains[:1], "cpu"), 3), device=device)
+    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6 if device == "cpu" else 1e-5,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
@@ -116,11 +120,12 @@ def test_collector_layer_selection(name, layers):
                                                [torch.tensor([0, 1])], 2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
-def test_collector_finds_routers_and_top_k_from_config(name):
+def test_collector_finds_routers_and_top_k_from_config(device, name):
     torch.manual_seed(2)
-    model = MODELS[name]()
-    ids, am = _batch(2, 5, 4)
+    model = MODELS[name]().to(device)
+    ids, am = tree_to(_batch(2, 5, 4), device)
     with torch.no_grad(), mixkernels.hf.RouterStatsCollector(model) as collector:
         out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
     assert collector.top_k == model.config.num_experts_per_tok
@@ -128,8 +133,9 @@ def test_collector_finds_routers_and_top_k_from_config(name):
     stats = collector.stats(attention_mask="forward")
     expected = _oracle_from_outputs([(out, am)], collector.top_k, range(len(out.router_logits)),
                                     [torch.zeros(2, dtype=torch.long)], 1)
-    assert_matches(stats, expected, what=name)
-    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6, rtol=1e-5)
+    assert_matches(tree_to(stats, "cpu"), expected, what=name, device=device)
+    torch.testing.assert_close(stats.load_balancing_loss(), out.aux_loss, atol=1e-6 if device == "cpu" else 1e-5,
+                               rtol=1e-5)
 
 
 def test_collector_attention_mask_none_counts_padding():

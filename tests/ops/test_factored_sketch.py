@@ -8,9 +8,12 @@ import torch
 
 import mixkernels
 from mixkernels import factored_sketch
+from tests._devices import DEVICES, device_backends, on, tree_to
 from tests._tolerances import assert_error_within, tol
 
 BACKENDS = ["reference", "cxx"]
+# (device, backend): cpu-reference, cpu-cxx, cuda-reference, cuda-cxx, cuda-triton
+DB = device_backends("factored_sketch")
 
 
 def oracle(x, g, offsets, p_in, p_out):
@@ -25,9 +28,11 @@ def oracle(x, g, offsets, p_in, p_out):
     return torch.stack(out) if out else torch.zeros(0, k_out, k_in, dtype=torch.float64)
 
 
-def run(backend, *args):
+def run(target, *args):
+    """factored_sketch through a backend name (CPU) or a ``(device, backend)`` pair; CPU tensors in and out."""
+    device, backend = target if isinstance(target, tuple) else ("cpu", target)
     with mixkernels.backend(backend):
-        return factored_sketch(*args)
+        return on(device, factored_sketch)(*args)
 
 
 def inputs(n=53, d_in=37, d_out=29, k_in=16, k_out=8, offsets=(0, 7, 7, 30, 53), dtype=torch.float32):
@@ -35,55 +40,57 @@ def inputs(n=53, d_in=37, d_out=29, k_in=16, k_out=8, offsets=(0, 7, 7, 30, 53),
             torch.randn(d_in, k_in) / k_in**0.5, torch.randn(d_out, k_out) / k_out**0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("shape", [{}, {"n": 1, "offsets": (0, 1)}, {"n": 300, "d_in": 129, "d_out": 65, "k_in": 5, "k_out": 3,
                                    "offsets": (0, 100, 200, 300)}, {"n": 40, "offsets": (5, 9, 33)},
                                    {"n": 20, "k_in": 64, "k_out": 64, "offsets": (0, 20)}])
-def test_parity(backend, shape):
+def test_parity(device, backend, shape):
     x, g, off, p_in, p_out = inputs(**shape)
-    s = run(backend, x, g, off, p_in, p_out)
+    s = run((device, backend), x, g, off, p_in, p_out)
     assert s.dtype == torch.float32 and s.shape == (off.numel() - 1, p_out.shape[1], p_in.shape[1])
     torch.testing.assert_close(s.double(), oracle(x, g, off, p_in, p_out), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_preprojected_inputs(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_preprojected_inputs(device, backend):
     x, g, off, p_in, p_out = inputs()
     expected = oracle(x, g, off, p_in, p_out)
     for args in ((x @ p_in, g, off, None, p_out), (x, g @ p_out, off, p_in, None), (x @ p_in, g @ p_out, off, None, None)):
-        torch.testing.assert_close(run(backend, *args).double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(run((device, backend), *args).double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs(backend, dtype):
+def test_low_precision_inputs(device, backend, dtype):
     x, g, off, p_in, p_out = inputs(dtype=dtype)
-    s = run(backend, x, g, off, p_in, p_out)
+    s = run((device, backend), x, g, off, p_in, p_out)
     expected = oracle(x, g, off, p_in, p_out)
     # PyTorch in the same dtype: per-example gradient and projections in low precision.
-    torch_low = torch.stack([p_out.to(dtype).T @ (g[s_:e_].T @ x[s_:e_]) @ p_in.to(dtype)
-                             for s_, e_ in zip(off[:-1].tolist(), off[1:].tolist())])
+    # (on the same device as the kernel: its GEMMs round like the kernel's would)
+    xd, gd, pid, pod = tree_to((x, g, p_in.to(dtype), p_out.to(dtype)), device)
+    torch_low = torch.stack([pod.T @ (gd[s_:e_].T @ xd[s_:e_]) @ pid
+                             for s_, e_ in zip(off[:-1].tolist(), off[1:].tolist())]).cpu()
     assert_error_within(s, expected, torch_low, name="factored_sketch")
     torch.testing.assert_close(s.double(), expected, rtol=1e-4, atol=1e-4)  # inputs are exact in fp32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous_and_empty(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_noncontiguous_and_empty(device, backend):
     x, g, off, p_in, p_out = inputs()
     xt = x.t().contiguous().t()
-    torch.testing.assert_close(run(backend, xt, g, off, p_in.t().contiguous().t(), p_out).double(),
+    torch.testing.assert_close(run((device, backend), xt, g, off, p_in.t().contiguous().t(), p_out).double(),
                                oracle(x, g, off, p_in, p_out), rtol=1e-4, atol=1e-4)
-    assert torch.equal(run(backend, x[:0], g[:0], torch.tensor([0, 0, 0]), p_in, p_out), torch.zeros(2, 8, 16))
-    assert run(backend, x, g, torch.tensor([4]), p_in, p_out).shape == (0, 8, 16)
+    assert torch.equal(run((device, backend), x[:0], g[:0], torch.tensor([0, 0, 0]), p_in, p_out), torch.zeros(2, 8, 16))
+    assert run((device, backend), x, g, torch.tensor([4]), p_in, p_out).shape == (0, 8, 16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_gradient(device, backend):
     x, g, off, p_in, p_out = inputs(n=30, offsets=(0, 10, 30))
     x.requires_grad_(True)
     g.requires_grad_(True)
     w = torch.randn(2, 8, 16)
-    (run(backend, x, g, off, p_in, p_out) * w).sum().backward()
+    (run((device, backend), x, g, off, p_in, p_out) * w).sum().backward()
     x2, g2 = x.detach().double().requires_grad_(True), g.detach().double().requires_grad_(True)
     (oracle(x2, g2, off, p_in, p_out) * w.double()).sum().backward()
     torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-4, atol=1e-5)
@@ -91,29 +98,30 @@ def test_gradient(backend):
     xs, gs, offs, pis, pos = inputs(n=6, d_in=5, d_out=4, k_in=3, k_out=2, offsets=(0, 2, 6))
     with mixkernels.backend(backend), pytest.warns(UserWarning, match="double precision"):
         # fp32 inputs (the op takes no float64); the step is exact enough for a bilinear map.
-        assert torch.autograd.gradcheck(lambda a, b: factored_sketch(a, b, offs, pis, pos),
+        assert torch.autograd.gradcheck(lambda a, b: on(device, factored_sketch)(a, b, offs, pis, pos),
                                         (xs.requires_grad_(True), gs.requires_grad_(True)),
                                         eps=1e-2, atol=2e-3, rtol=2e-3)
 
 
-def test_opcheck():
-    x, g, off, p_in, p_out = inputs(n=20, offsets=(0, 5, 20))
-    torch.library.opcheck(torch.ops.mixkernels.factored_sketch.default,
-                          (x.requires_grad_(True), g.requires_grad_(True), off, p_in, p_out))
-    torch.library.opcheck(torch.ops.mixkernels.factored_sketch.default, (x.detach() @ p_in, g.detach(), off, None, p_out))
+@pytest.mark.parametrize("device,backend", device_backends("factored_sketch", ("cxx", "triton")))
+def test_opcheck(device, backend):
+    op = torch.ops.mixkernels.factored_sketch_triton if backend == "triton" else torch.ops.mixkernels.factored_sketch
+    x, g, off, p_in, p_out = tree_to(inputs(n=20, offsets=(0, 5, 20)), device)
+    torch.library.opcheck(op.default, (x.requires_grad_(True), g.requires_grad_(True), off, p_in, p_out))
+    torch.library.opcheck(op.default, (x.detach() @ p_in, g.detach(), off, None, p_out))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
-    x, g, off, p_in, p_out = inputs()
+    x, g, off, p_in, p_out = tree_to(inputs(), device)
 
     def f(x, g):
         with mixkernels.backend(backend):
             return factored_sketch(x * 2, g, off, p_in, p_out).sum(0)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, g), f(x, g), **tol(torch.float32))
+    torch.testing.assert_close(compiled(x, g), f(x, g), **tol(torch.float32, device))
 
 
 @pytest.mark.parametrize(
@@ -128,6 +136,9 @@ def test_torch_compile_fullgraph(backend):
         (lambda a: (a[0].long(), *a[1:]), "x must be one of float32, float16, bfloat16, got int64"),
     ],
 )
-def test_bad_input_messages(mutate, match):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_messages(device, mutate, match):
+    if device != "cpu" and "offsets" in match and "int64" not in match:
+        pytest.skip("offsets values are checked on CPU only (no host sync on CUDA)")
     with pytest.raises((ValueError, TypeError), match=match):
-        factored_sketch(*mutate(inputs()))
+        factored_sketch(*tree_to(mutate(inputs()), device))

@@ -12,15 +12,20 @@ import torch
 import mixkernels
 from mixkernels import lift, project, projection_matrix
 from mixkernels.reference import project as ref
+from tests._devices import device_backends, on
 from tests._tolerances import tol
 
 BACKENDS = ["reference", "cxx"]
+# (device, backend): cpu-reference, cpu-cxx, cuda-reference, cuda-cxx, cuda-triton
+DB = device_backends("project")
 KINDS = ["rademacher", "gaussian", "sjlt"]
 
 
-def run(backend, fn, *args, **kwargs):
+def run(target, fn, *args, **kwargs):
+    """``fn`` through a backend name (CPU) or a ``(device, backend)`` pair; CPU tensors in and out."""
+    device, backend = target if isinstance(target, tuple) else ("cpu", target)
     with mixkernels.backend(backend):
-        return fn(*args, **kwargs)
+        return on(device, fn)(*args, **kwargs)
 
 
 def rows_of_r(row_offset, in_dim, out_dim, *, seed, kind, nnz=4):
@@ -47,31 +52,31 @@ def assert_fp32_close(got, expected, x):
     assert bool((err <= 1e-5 + 2e-6 * scale).all()), f"max error {err.max():.3e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n, in_dim, out_dim, row_offset", [(1, 1, 1, 0), (3, 257, 70, 0), (5, 1000, 33, 12345),
                                                              (2, 70, 4096, 3), (4, 3001, 128, 2**33 + 5)])
-def test_project_and_lift_match_matmul(backend, kind, n, in_dim, out_dim, row_offset):
+def test_project_and_lift_match_matmul(device, backend, kind, n, in_dim, out_dim, row_offset):
     nnz = min(4, out_dim)
     x = torch.randn(n, in_dim)
-    y = run(backend, project, x, out_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset)
+    y = run((device, backend), project, x, out_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset)
     assert y.shape == (n, out_dim)
     assert_fp32_close(y, oracle_project(x, out_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset), x)
     z = torch.randn(n, out_dim)
-    back = run(backend, lift, z, in_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset)
+    back = run((device, backend), lift, z, in_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset)
     assert back.shape == (n, in_dim)
     assert_fp32_close(back, oracle_lift(z, in_dim, seed=11, kind=kind, nnz=nnz, row_offset=row_offset), z)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("kind", KINDS)
-def test_same_matrix_on_every_backend_bitwise(backend, kind):
+def test_same_matrix_on_every_backend_bitwise(device, backend, kind):
     # project(one-hot rows) returns rows of R exactly: 1 * R[i, j] plus exact zeros, times the scale.
     eye = torch.eye(67)
     r = projection_matrix(67 + 1000, 45, seed=2**40 + 7, kind=kind, nnz=3)[1000:]
-    got = run(backend, project, eye, 45, seed=2**40 + 7, kind=kind, nnz=3, row_offset=1000)
+    got = run((device, backend), project, eye, 45, seed=2**40 + 7, kind=kind, nnz=3, row_offset=1000)
     assert torch.equal(got, r)
-    got_t = run(backend, lift, torch.eye(45), 67, seed=2**40 + 7, kind=kind, nnz=3, row_offset=1000)
+    got_t = run((device, backend), lift, torch.eye(45), 67, seed=2**40 + 7, kind=kind, nnz=3, row_offset=1000)
     assert torch.equal(got_t, r.T)
 
 
@@ -126,80 +131,78 @@ def test_jl_inner_products_preserved_in_expectation(kind):
         assert var < 1.6 * base / k
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("kind", KINDS)
-def test_row_offset_splits_a_long_vector(backend, kind):
+def test_row_offset_splits_a_long_vector(device, backend, kind):
     x = torch.randn(3, 901)
-    whole = run(backend, project, x, 50, seed=4, kind=kind)
-    parts = sum(run(backend, project, x[:, s:e], 50, seed=4, kind=kind, row_offset=s)
+    whole = run((device, backend), project, x, 50, seed=4, kind=kind)
+    parts = sum(run((device, backend), project, x[:, s:e], 50, seed=4, kind=kind, row_offset=s)
                 for s, e in ((0, 100), (100, 513), (513, 901)))
-    torch.testing.assert_close(parts, whole, **tol(torch.float32))
+    torch.testing.assert_close(parts, whole, **tol(torch.float32, device))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("kind", KINDS)
-def test_lift_is_the_adjoint(backend, kind):
+def test_lift_is_the_adjoint(device, backend, kind):
     x, y = torch.randn(2, 333, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
-    px = run(backend, project, x.float(), 40, seed=8, kind=kind).double()
-    ly = run(backend, lift, y.float(), 333, seed=8, kind=kind).double()
+    px = run((device, backend), project, x.float(), 40, seed=8, kind=kind).double()
+    ly = run((device, backend), lift, y.float(), 333, seed=8, kind=kind).double()
     torch.testing.assert_close((px * y).sum(), (x * ly).sum(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
+def test_low_precision_inputs_accumulate_in_fp32(device, backend, dtype):
     x = torch.randn(4, 777).to(dtype)
     for kind in KINDS:
-        y = run(backend, project, x, 96, seed=1, kind=kind)
+        y = run((device, backend), project, x, 96, seed=1, kind=kind)
         assert_fp32_close(y, oracle_project(x, 96, seed=1, kind=kind), x)  # x is exact in fp32
-        z = run(backend, lift, x[:, :96], 500, seed=1, kind=kind)
+        z = run((device, backend), lift, x[:, :96], 500, seed=1, kind=kind)
         assert_fp32_close(z, oracle_lift(x[:, :96], 500, seed=1, kind=kind), x[:, :96])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_noncontiguous_batched_and_empty(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_noncontiguous_batched_and_empty(device, backend):
     x = torch.randn(300, 6).t()  # [6, 300], non-contiguous
-    y = run(backend, project, x, 20, seed=3, kind="sjlt")
+    y = run((device, backend), project, x, 20, seed=3, kind="sjlt")
     torch.testing.assert_close(y, run("reference", project, x.contiguous(), 20, seed=3, kind="sjlt"))
     x3 = torch.randn(2, 3, 50)
-    y3 = run(backend, project, x3, 16, seed=3)
+    y3 = run((device, backend), project, x3, 16, seed=3)
     assert y3.shape == (2, 3, 16)
-    torch.testing.assert_close(y3.reshape(6, 16), run(backend, project, x3.reshape(6, 50), 16, seed=3))
-    assert run(backend, project, torch.randn(0, 50), 16, seed=3).shape == (0, 16)
-    assert torch.equal(run(backend, project, torch.randn(4, 0), 16, seed=3), torch.zeros(4, 16))
-    assert run(backend, lift, torch.randn(4, 16), 0, seed=3).shape == (4, 0)
-    assert run(backend, lift, torch.randn(0, 16), 9, seed=3).shape == (0, 9)
+    torch.testing.assert_close(y3.reshape(6, 16), run((device, backend), project, x3.reshape(6, 50), 16, seed=3))
+    assert run((device, backend), project, torch.randn(0, 50), 16, seed=3).shape == (0, 16)
+    assert torch.equal(run((device, backend), project, torch.randn(4, 0), 16, seed=3), torch.zeros(4, 16))
+    assert run((device, backend), lift, torch.randn(4, 16), 0, seed=3).shape == (4, 0)
+    assert run((device, backend), lift, torch.randn(0, 16), 9, seed=3).shape == (0, 9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradient_of_project_is_lift(backend, kind):
+def test_gradient_of_project_is_lift(device, backend, kind):
     x = torch.randn(3, 129, requires_grad=True)
     w = torch.randn(3, 31)
-    (run(backend, project, x, 31, seed=2, kind=kind) * w).sum().backward()
+    (run((device, backend), project, x, 31, seed=2, kind=kind) * w).sum().backward()
     torch.testing.assert_close(x.grad, oracle_lift(w, 129, seed=2, kind=kind).float(), rtol=1e-4, atol=1e-5)
     y = torch.randn(3, 31, requires_grad=True)
     v = torch.randn(3, 129)
-    (run(backend, lift, y, 129, seed=2, kind=kind) * v).sum().backward()
+    (run((device, backend), lift, y, 129, seed=2, kind=kind) * v).sum().backward()
     torch.testing.assert_close(y.grad, oracle_project(v, 31, seed=2, kind=kind).float(), rtol=1e-4, atol=1e-5)
     xb = torch.randn(2, 40, dtype=torch.bfloat16, requires_grad=True)
-    run(backend, project, xb, 8, seed=2, kind=kind).sum().backward()
+    run((device, backend), project, xb, 8, seed=2, kind=kind).sum().backward()
     assert xb.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_gradcheck(device, backend):
     # The ops take fp32/fp16/bf16; gradcheck in fp32 with a step that is exact for linear maps.
     x = torch.randn(2, 37, requires_grad=True)
     y = torch.randn(2, 9, requires_grad=True)
 
     def fx(t):
-        with mixkernels.backend(backend):
-            return project(t, 9, seed=1, kind="gaussian", row_offset=5)
+        return run((device, backend), project, t, 9, seed=1, kind="gaussian", row_offset=5)
 
     def fy(t):
-        with mixkernels.backend(backend):
-            return lift(t, 37, seed=1, kind="sjlt")
+        return run((device, backend), lift, t, 37, seed=1, kind="sjlt")
 
     with pytest.warns(UserWarning, match="double precision"):
         assert torch.autograd.gradcheck(fx, (x,), eps=1e-2, atol=1e-3, rtol=1e-3)
@@ -207,15 +210,19 @@ def test_gradcheck(backend):
         assert torch.autograd.gradcheck(fy, (y,), eps=1e-2, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("device,backend", device_backends("project", ("cxx", "triton")))
 @pytest.mark.parametrize("kind", KINDS)
-def test_opcheck(kind):
-    x = torch.randn(3, 41, requires_grad=True)
-    torch.library.opcheck(torch.ops.mixkernels.project.default, (x, 17, 3, kind, 2, 7))
-    torch.library.opcheck(torch.ops.mixkernels.lift.default, (torch.randn(3, 17, requires_grad=True), 41, 3, kind, 2, 7))
+def test_opcheck(device, backend, kind):
+    suffix = "_triton" if backend == "triton" else ""
+    ops = torch.ops.mixkernels
+    x = torch.randn(3, 41, device=device, requires_grad=True)
+    torch.library.opcheck(getattr(ops, f"project{suffix}").default, (x, 17, 3, kind, 2, 7))
+    y = torch.randn(3, 17, device=device, requires_grad=True)
+    torch.library.opcheck(getattr(ops, f"lift{suffix}").default, (y, 41, 3, kind, 2, 7))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
 
     def f(x):
@@ -223,7 +230,7 @@ def test_torch_compile_fullgraph(backend):
             y = project(x * 2, 24, seed=5, kind="rademacher", row_offset=3)
             return lift(y, 40, seed=5, kind="sjlt")
 
-    x = torch.randn(3, 40)
+    x = torch.randn(3, 40, device=device)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), f(x))
 

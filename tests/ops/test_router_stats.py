@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 
 import mixkernels
 from mixkernels import _backend
-from tests._tolerances import TOL
+from tests._devices import DEVICES, device_backends, on, tree_to
+from tests._tolerances import TOL, tol
 
 BACKENDS = [b for b in ("reference", "cxx") if not _backend.unavailable_reason("router_stats", "cpu", b)]
+# (device, backend): cpu-reference, cpu-cxx, cuda-reference, cuda-cxx, cuda-triton
+DB = device_backends("router_stats")
 FIELDS = ("expert_counts", "prob_sum", "token_count", "entropy_sum", "aux_loss")
 
 
@@ -52,13 +55,14 @@ def naive_oracle(layers, top_k, group_ids=None, num_groups=1, mask=None, stable=
     return counts, probs, tokens, ent, aux
 
 
-def assert_matches(stats, expected, *, what=""):
+def assert_matches(stats, expected, *, what="", device="cpu"):
     counts, probs, tokens, ent, aux = expected
     assert stats.expert_counts.dtype == torch.int64 and stats.token_count.dtype == torch.int64
     torch.testing.assert_close(stats.expert_counts, counts, atol=0, rtol=0, msg=f"{what} expert_counts")
     torch.testing.assert_close(stats.token_count, tokens, atol=0, rtol=0, msg=f"{what} token_count")
     n_tol = max(1, int(tokens.max()) if tokens.numel() else 1)
-    kw = {"atol": TOL[torch.float32]["atol"] * n_tol, "rtol": TOL[torch.float32]["rtol"]}
+    fp32 = tol(torch.float32, device)
+    kw = {"atol": fp32["atol"] * n_tol, "rtol": fp32["rtol"]}
     for name, got, want in (("prob_sum", stats.prob_sum, probs), ("entropy_sum", stats.entropy_sum, ent),
                             ("aux_loss", stats.aux_loss, aux)):
         assert got.dtype == torch.float32, f"{name} dtype {got.dtype}"
@@ -83,57 +87,59 @@ SHAPES = [  # L, N, E, k, G
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}N{}E{}k{}G{}".format(*s))
-def test_fields_vs_naive_oracle(backend, shape):
+def test_fields_vs_naive_oracle(device, backend, shape):
     num_layers, n, e, k, num_groups = shape
     z, groups, mask = _inputs(num_layers, n, e, num_groups)
     with mixkernels.backend(backend):
-        stats = mixkernels.router_stats(z, k, group_ids=groups, num_groups=num_groups, mask=mask)
-    assert_matches(stats, naive_oracle(list(z), k, groups, num_groups, mask), what=f"{backend} {shape}")
+        stats = on(device, mixkernels.router_stats)(z, k, group_ids=groups, num_groups=num_groups, mask=mask)
+    assert_matches(stats, naive_oracle(list(z), k, groups, num_groups, mask), device=device, what=f"{backend} {shape}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_ties_and_zero_probabilities_at_many_experts(backend, dtype):
+def test_ties_and_zero_probabilities_at_many_experts(device, backend, dtype):
     """E = 64, k = 8 (several vector passes): rows of repeated values and of -inf logits, so ties
     at equal probabilities and at exactly 0 (fewer than k positive experts) go to the lower index."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32/float16/bfloat16 logits (documented)")
     gen = torch.Generator().manual_seed(3)
     z = torch.randint(-3, 1, (2, 300, 64), generator=gen).to(dtype)
     z[:, ::3] = torch.where(torch.rand(2, 100, 64, generator=gen) < 0.95, float("-inf"), z[:, ::3].double()).to(dtype)
     z[:, 1::7, 5:] = float("-inf")  # exactly 5 positive experts: 3 of the chosen have p = 0
     with mixkernels.backend(backend):
-        stats = mixkernels.router_stats(z, 8)
+        stats = on(device, mixkernels.router_stats)(z, 8)
     p = torch.softmax(z, dim=-1)  # the op's math dtype (fp64 for fp64 logits)
     chosen = torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :8]
     want = F.one_hot(chosen, 64).sum((1, 2))
     torch.testing.assert_close(stats.expert_counts[:, 0], want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_logits_use_fp32_math(backend, dtype):
+def test_low_precision_logits_use_fp32_math(device, backend, dtype):
     z, groups, mask = _inputs(3, 200, 40, 4, dtype=dtype)
     with mixkernels.backend(backend):
-        stats = mixkernels.router_stats(list(z), 4, group_ids=groups.int(), num_groups=4, mask=mask)
+        stats = on(device, mixkernels.router_stats)(list(z), 4, group_ids=groups.int(), num_groups=4, mask=mask)
     # bf16 logits have many exact ties inside a row: the lower-index rule decides them
-    assert_matches(stats, naive_oracle(list(z), 4, groups, 4, mask, stable=True), what=str(dtype))
+    assert_matches(stats, naive_oracle(list(z), 4, groups, 4, mask, stable=True), device=device, what=str(dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_ties_go_to_lower_index(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_exact_ties_go_to_lower_index(device, backend):
     gen = torch.Generator().manual_seed(1)
     z = torch.randint(-2, 2, (2, 90, 11), generator=gen).float()
     z[:, 0] = 0.0  # a row of all-equal logits: experts 0..k-1 are chosen
     with mixkernels.backend(backend):
-        stats = mixkernels.router_stats(z, 3, group_ids=torch.arange(90) % 2, num_groups=2)
-        single = mixkernels.router_stats(z[:, :1], 3)
-    assert_matches(stats, naive_oracle(list(z), 3, torch.arange(90) % 2, 2, stable=True), what="ties")
+        stats = on(device, mixkernels.router_stats)(z, 3, group_ids=torch.arange(90) % 2, num_groups=2)
+        single = on(device, mixkernels.router_stats)(z[:, :1], 3)
+    assert_matches(stats, naive_oracle(list(z), 3, torch.arange(90) % 2, 2, stable=True), device=device, what="ties")
     assert single.expert_counts[:, 0].tolist() == [[1, 1, 1] + [0] * 8] * 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_input_forms_and_layouts(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_input_forms_and_layouts(device, backend):
     z, groups, mask = _inputs(3, 50, 9, 3)
     expected = naive_oracle(list(z), 2, groups, 3, mask)
     # non-contiguous: each layer a transposed view, and every second row of a larger tensor
@@ -148,34 +154,34 @@ def test_input_forms_and_layouts(backend):
     }
     with mixkernels.backend(backend):
         for name, logits in forms.items():
-            stats = mixkernels.router_stats(logits, 2, group_ids=groups, num_groups=3, mask=mask)
-            assert_matches(stats, expected, what=name)
-        one = mixkernels.router_stats(z[1], 2, group_ids=groups, num_groups=3, mask=mask)  # [N, E]: L = 1
+            stats = on(device, mixkernels.router_stats)(logits, 2, group_ids=groups, num_groups=3, mask=mask)
+            assert_matches(stats, expected, device=device, what=name)
+        one = on(device, mixkernels.router_stats)(z[1], 2, group_ids=groups, num_groups=3, mask=mask)  # [N, E]: L = 1
     assert one.prob_sum.shape == (1, 3, 9)
-    assert_matches(one, naive_oracle([z[1]], 2, groups, 3, mask), what="L=1")
+    assert_matches(one, naive_oracle([z[1]], 2, groups, 3, mask), device=device, what="L=1")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_and_all_masked(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_empty_and_all_masked(device, backend):
     with mixkernels.backend(backend):
-        empty = mixkernels.router_stats(torch.randn(2, 0, 5), 2)
-        masked = mixkernels.router_stats(torch.randn(2, 7, 5), 2, mask=torch.zeros(7, dtype=torch.bool))
+        empty = on(device, mixkernels.router_stats)(torch.randn(2, 0, 5), 2)
+        masked = on(device, mixkernels.router_stats)(torch.randn(2, 7, 5), 2, mask=torch.zeros(7, dtype=torch.bool))
     for stats in (empty, masked):
         assert stats.expert_counts.shape == (2, 1, 5) and int(stats.expert_counts.sum()) == 0
         assert float(stats.prob_sum.abs().sum()) == 0 and float(stats.aux_loss.abs().sum()) == 0
         assert stats.token_count.tolist() == [0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_rows_may_hold_garbage(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_masked_rows_may_hold_garbage(device, backend):
     """Padding rows may contain NaN logits and invalid group ids: they must not leak."""
     z, groups, mask = _inputs(2, 40, 6, 3)
     z_bad, g_bad = z.clone(), groups.clone()
     z_bad[:, ~mask] = float("nan")
     g_bad[~mask] = -7
     with mixkernels.backend(backend):
-        stats = mixkernels.router_stats(z_bad, 2, group_ids=g_bad, num_groups=3, mask=mask)
-    assert_matches(stats, naive_oracle(list(z), 2, groups, 3, mask), what="garbage padding")
+        stats = on(device, mixkernels.router_stats)(z_bad, 2, group_ids=g_bad, num_groups=3, mask=mask)
+    assert_matches(stats, naive_oracle(list(z), 2, groups, 3, mask), device=device, what="garbage padding")
 
 
 def test_identities_and_helpers():
@@ -249,10 +255,10 @@ def _hf_functions():
     return [modeling_mixtral.load_balancing_loss_func, modeling_qwen2_moe.load_balancing_loss_func]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("case", [(1, 2, 5, 8, 2), (4, 3, 7, 6, 1), (3, 2, 9, 60, 8), (2, 1, 13, 5, 5)],
                          ids=lambda c: "L{}B{}S{}E{}k{}".format(*c))
-def test_load_balancing_loss_matches_transformers(backend, case):
+def test_load_balancing_loss_matches_transformers(device, backend, case):
     num_layers, batch, seq, e, k = case
     gen = torch.Generator().manual_seed(sum(case))
     logits = tuple(torch.randn(batch * seq, e, generator=gen) for _ in range(num_layers))
@@ -261,15 +267,15 @@ def test_load_balancing_loss_matches_transformers(backend, case):
     if batch > 1:
         am[-1, -2:] = 0  # right padding
     with mixkernels.backend(backend):
-        ours = mixkernels.load_balancing_loss(logits, e, k)
-        ours_masked = mixkernels.load_balancing_loss(logits, e, k, attention_mask=am)
-        per_layer = [mixkernels.router_stats(z, k, mask=am.reshape(-1) != 0).aux_loss for z in logits]
+        ours = on(device, mixkernels.load_balancing_loss)(logits, e, k)
+        ours_masked = on(device, mixkernels.load_balancing_loss)(logits, e, k, attention_mask=am)
+        per_layer = [on(device, mixkernels.router_stats)(z, k, mask=am.reshape(-1) != 0).aux_loss for z in logits]
     for hf in _hf_functions():
         torch.testing.assert_close(ours, hf(logits, e, k), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ours_masked, hf(logits, e, k, am), atol=1e-6, rtol=1e-5)
         for z, aux in zip(logits, per_layer):  # aux_loss of one layer == transformers on that layer alone
             torch.testing.assert_close(aux[0], hf((z,), e, k, am), atol=1e-6, rtol=1e-5)
-    assert mixkernels.load_balancing_loss(None, e, k) == 0  # transformers returns 0 for None
+    assert on(device, mixkernels.load_balancing_loss)(None, e, k) == 0  # transformers returns 0 for None
 
 
 def test_load_balancing_loss_from_stats_and_mask_dtypes():
@@ -286,8 +292,11 @@ def test_load_balancing_loss_from_stats_and_mask_dtypes():
 # ---- autograd ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("device,backend", DB)
+def test_gradcheck_float64(device, backend):
+    if backend == "triton":
+        pytest.skip("the triton backend takes float32/float16/bfloat16 logits (documented); its backward is "
+                    "the shared router_stats_backward op, gradchecked through cxx")
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(2, 11, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     groups = torch.randint(0, 3, (11,), generator=gen)
@@ -298,25 +307,25 @@ def test_gradcheck_float64(backend):
 
     def all_outputs(x):
         with mixkernels.backend(backend):
-            s = mixkernels.router_stats(x, 2, group_ids=groups, num_groups=3, mask=mask)
+            s = on(device, mixkernels.router_stats)(x, 2, group_ids=groups, num_groups=3, mask=mask)
         return (s.prob_sum * w_prob).sum() + (s.entropy_sum * w_ent).sum() + (s.aux_loss * w_aux).sum()
 
     def lbl(x):
         with mixkernels.backend(backend):
-            return mixkernels.load_balancing_loss(list(x.unbind(0)), 5, 2, mask.view(1, -1))
+            return on(device, mixkernels.load_balancing_loss)(list(x.unbind(0)), 5, 2, mask.view(1, -1))
 
     assert torch.autograd.gradcheck(all_outputs, (z,), eps=1e-6, atol=1e-7, fast_mode=True)
     assert torch.autograd.gradcheck(lbl, (z,), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DB)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_load_balancing_loss_grad_matches_transformers_autograd(backend, dtype):
+def test_load_balancing_loss_grad_matches_transformers_autograd(device, backend, dtype):
     gen = torch.Generator().manual_seed(2)
     logits = [torch.randn(24, 10, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
     am = (torch.rand(4, 6, generator=gen) > 0.25).long()
     with mixkernels.backend(backend):
-        mixkernels.load_balancing_loss(logits, 10, 3, am).backward()
+        on(device, mixkernels.load_balancing_loss)(logits, 10, 3, am).backward()
     ours = [t.grad for t in logits]
     # transformers on fp32 copies: its autograd is the independent reference (fp32 math as ours)
     ref_in = tuple(t.detach().float().requires_grad_() for t in logits)
@@ -329,18 +338,20 @@ def test_load_balancing_loss_grad_matches_transformers_autograd(backend, dtype):
 # ---- opcheck, compile ----------------------------------------------------------------------
 
 
-def test_opcheck():
-    z, groups, mask = _inputs(2, 30, 7, 3)
+@pytest.mark.parametrize("device,backend", device_backends("router_stats", ("cxx", "triton")))
+def test_opcheck(device, backend):
+    op = torch.ops.mixkernels.router_stats_triton if backend == "triton" else torch.ops.mixkernels.router_stats
+    z, groups, mask = tree_to(_inputs(2, 30, 7, 3), device)
     layers = [t.clone().requires_grad_() for t in z]
     for args in ((layers, 2, groups, 3, mask), (layers, 7, None, 1, None), ([layers[0].detach()], 1, groups.int(), 3, None)):
-        torch.library.opcheck(torch.ops.mixkernels.router_stats.default, args)
-    grads = (torch.randn(2, 3, 7), torch.randn(2, 3))
+        torch.library.opcheck(op.default, args)
+    grads = (torch.randn(2, 3, 7).to(device), torch.randn(2, 3).to(device))
     torch.library.opcheck(torch.ops.mixkernels.router_stats_backward.default, (list(z), groups, 3, mask, *grads))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph_parity(backend):
-    z, groups, mask = _inputs(3, 40, 8, 4)
+@pytest.mark.parametrize("device,backend", DB)
+def test_torch_compile_fullgraph_parity(device, backend):
+    z, groups, mask = tree_to(_inputs(3, 40, 8, 4), device)
     am = mask.view(5, 8).long()
 
     def fn(x):
@@ -416,16 +427,17 @@ def test_cxx_op_checks_arguments_itself():
 # ---- property test -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, deadline=None)
 @given(
     num_layers=st.integers(1, 3), n=st.integers(0, 70), e=st.integers(1, 20), k_frac=st.floats(0, 1),
     num_groups=st.integers(1, 5), seed=st.integers(0, 2**16), masked=st.booleans(),
 )
-def test_property_backends_agree_with_oracle(num_layers, n, e, k_frac, num_groups, seed, masked):
+def test_property_backends_agree_with_oracle(device, num_layers, n, e, k_frac, num_groups, seed, masked):
     k = 1 + int(k_frac * (min(e, 8) - 1))
     z, groups, mask = _inputs(num_layers, n, e, num_groups, masked=masked, seed=seed)
     expected = naive_oracle(list(z), k, groups, num_groups, mask, stable=True)
-    for backend in BACKENDS:
+    for backend in BACKENDS if device == "cpu" else ("reference", "cxx", "triton"):
         with mixkernels.backend(backend):
-            stats = mixkernels.router_stats(z, k, group_ids=groups, num_groups=num_groups, mask=mask)
-        assert_matches(stats, expected, what=backend)
+            stats = on(device, mixkernels.router_stats)(z, k, group_ids=groups, num_groups=num_groups, mask=mask)
+        assert_matches(stats, expected, what=backend, device=device)
