@@ -330,10 +330,10 @@ def upcycle(model: str, *, experts: int, top_k: int, out: str | Path, seed: int 
             "loss_gap": gap,
         }
         (tmp / "upcycle.json").write_text(json.dumps(record, indent=1) + "\n")
-        from .export import _replace_dir
+        from .checkpoint import replace_dir
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return record
