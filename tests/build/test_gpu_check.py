@@ -27,7 +27,7 @@ def test_dry_run_passes_and_prints_the_plan():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     out = r.stdout
     assert "dry run: ok" in out
-    budgets = {m[0]: int(m[1]) for m in re.findall(r"^  (\w+)\s+(\d+)s  ", out, flags=re.M)}
+    budgets = {m[0]: int(m[1]) for m in re.findall(r"^  (\w+)\s+(\d+)s  ", out, flags=re.MULTILINE)}
     for part in ("setup", "info", "selftest", "tests_ops", "tests_models", "bench_segment_sum",
                  "bench_router_stats", "bench_linear_ce", "bench_grad_proj", "bench_gradex", "bench_loop"):
         assert part in budgets, f"{part} missing from the plan:\n{out}"
