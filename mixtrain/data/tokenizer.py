@@ -110,8 +110,11 @@ class HFTokenizer:
         """The special token the chat template closes an assistant turn with (``<|im_end|>`` for
         ChatML, ``<|eot_id|>`` for Llama 3): the first special token after a probe reply."""
         probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
-        prefix = self.render_chat(probe[:1], add_generation_prompt=True)
-        full = self.render_chat(probe, add_generation_prompt=False)
+        try:
+            prefix = self.render_chat(probe[:1], add_generation_prompt=True)
+            full = self.render_chat(probe, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe: fall back to eos
+            return self.eos_token_id
         special = set(self.tok.all_special_ids)
         return next((t for t in full[len(prefix):] if t in special), self.eos_token_id)
 
