@@ -85,7 +85,8 @@ class MetricsWriter:
     """``metrics.jsonl`` (flushed per record) + TensorBoard scalars, rank 0 only.
 
     On resume from step ``k``, records after ``k`` (written by the killed run after its last
-    checkpoint) are dropped so the file reads as one consistent run.
+    checkpoint) are dropped so the file reads as one consistent run; a run starting from step 0
+    starts the file afresh.
     """
 
     def __init__(self, out: Path, enabled: bool, resume_step: int, tensorboard: bool) -> None:
@@ -98,7 +99,8 @@ class MetricsWriter:
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    # a fresh start (no checkpoint) keeps nothing: not even a killed run's step-0 record
+                    if resume_step > 0 and json.loads(line).get("step", 0) <= resume_step:
                         keep.append(line)
                 except json.JSONDecodeError:
                     break  # a torn last line from a kill
