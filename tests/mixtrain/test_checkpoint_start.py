@@ -37,3 +37,19 @@ def test_policy_needing_dev_refused_at_start():
     with pytest.raises(ConfigError, match=r"needs dev losses but domain\(s\) \['b'\] have no dev split"):
         _check_start(cfg, policies.get("_test_needs_dev"), enc)
     _check_start(cfg, policies.get("uniform"), enc)  # static policies do not need dev data
+
+
+def test_metrics_file_restarts_at_step_zero_and_keeps_up_to_the_resume_step(tmp_path):
+    """A run resumed at step k keeps the records up to k (the step-0 evaluation included); a run
+    starting from step 0 (killed before its first checkpoint) starts the file afresh."""
+    import json
+
+    from mixtrain.loop import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (0, 1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n")
+    MetricsWriter(tmp_path, True, resume_step=2, tensorboard=False).close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+    MetricsWriter(tmp_path, True, resume_step=0, tensorboard=False).close()
+    assert path.read_text() == ""
