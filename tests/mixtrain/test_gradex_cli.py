@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    from test_loop import RENDEZVOUS_VARS  # a child run makes its own rendezvous
+
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
     env["OMP_NUM_THREADS"] = "2"

@@ -194,8 +194,10 @@ def test_lora_steps_export_reload_same_dev_loss(model_dir: Path, tmp_path: Path)
         "output_dir": str(out),
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    from test_loop import _env
+
     r = subprocess.run([sys.executable, "-m", "mixtrain", "train", str(tmp_path / "c.yaml")],
-                       capture_output=True, text=True, check=False, timeout=900)
+                       capture_output=True, text=True, check=False, timeout=900, env=_env())
     assert r.returncode == 0, r.stderr[-4000:]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in recs] == [0, 1, 2, 3]
