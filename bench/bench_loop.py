@@ -58,9 +58,13 @@ def _model_section(a: argparse.Namespace) -> dict:
     return {"name_or_path": a.model, **({"lora": dict(LORA)} if a.finetune == "lora" else {})}
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+def _peak_start() -> float:
+    """Reset this process's peak RSS to its current RSS and return that (MiB): the baseline the
+    measured run's peak is taken against."""
+    from _harness import _reset_peak_rss, peak_rss_mb
+
+    _reset_peak_rss()
+    return peak_rss_mb()
 
 
 def _peak_mb() -> float:
@@ -105,7 +109,7 @@ def child_mixtrain(a: argparse.Namespace) -> None:
             raw["train"]["steps"] = n
             raw["train"]["save_model"] = False
             if n == a.steps:
-                base = _reset_peak() or _peak_mb()
+                base = _peak_start()
             c0, w0 = _cpu(), time.perf_counter()
             train(from_dict(raw))
             if n == a.steps:
@@ -141,7 +145,7 @@ def child_hf(a: argparse.Namespace) -> None:
     enc = encode_domains(doms, tok, max_length=a.seq)
     ds = MixtureDataset(enc, tok, global_batch_size=a.mbs * a.ga, seed=0)
     cb = MixtureCallback(policies.get("uniform"), ds)
-    base = _reset_peak() or _peak_mb()
+    base = _peak_start()
     if a.model:  # the same directory mixtrain loads, through plain transformers (+ PEFT)
         model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32)
         if a.finetune == "lora":
