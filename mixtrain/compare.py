@@ -395,6 +395,7 @@ class RunResult:
     policy_time: float
     wall_time: float | None
     examples: dict[str, Any] | None = None
+    start: dict[str, Any] | None = None  # the step-0 record (``eval.at_start``), when the run has one
 
     @property
     def dev_avg(self) -> float:
@@ -484,7 +485,24 @@ def read_run(run_dir: str | Path, label: str = "", seed: int = 0) -> RunResult:
         train_time=train_time, policy_time=policy_time,
         wall_time=float(marker["wall_time"]) if "wall_time" in marker else None,
         examples=_read_examples(run_dir, int(devs[-1]["step"])),
+        start=next((r for r in devs if r["step"] == 0), None),
     )
+
+
+def share_start(results: dict[str, list[RunResult]]) -> dict[str, Any] | None:
+    """The starting model's step-0 record (evaluated in one run only: it is the same for all),
+    prepended to the curves of every run that lacks it; ``None`` when no run has one."""
+    start = next((r.start for runs in results.values() for r in runs if r.start is not None), None)
+    if start is None:
+        return None
+    acc0 = _mean_of(start["dev_accuracy"]) if isinstance(start.get("dev_accuracy"), dict) else None
+    for runs in results.values():
+        for r in runs:
+            if not r.dev_curve or r.dev_curve[0][0] != 0:
+                r.dev_curve.insert(0, (0, _mean_of(start["dev_loss"])))
+            if acc0 is not None and r.acc_curve and r.acc_curve[0][0] != 0:
+                r.acc_curve.insert(0, (0, acc0))
+    return start
 
 
 def _ms(xs: Sequence[float]) -> tuple[float, float]:
@@ -990,7 +1008,12 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
     for s in specs:
         for seed in seed_list:
             rd = _run_dir(out, s, seed)
-            jobs_list.append(_Job(s, seed, rd, _overrides(cfg, s, seed, rd, overrides), marker=_read_marker(rd)))
+            ov = _overrides(cfg, s, seed, rd, overrides)
+            if cfg.eval.at_start and jobs_list:
+                # the starting model is the same for every run (same weights, LoRA B = 0, same dev
+                # rows): evaluate it once, in the first run, not policies x seeds times
+                ov.append("eval.at_start=false")
+            jobs_list.append(_Job(s, seed, rd, ov, marker=_read_marker(rd)))
     todo = [j for j in jobs_list if not (j.marker.get("status") == "done" and j.marker.get("overrides") == j.overrides)]
     skipped = len(jobs_list) - len(todo)
     log.info("%d runs (%d policies x %d seeds): %d finished already, %d to run", len(jobs_list), len(specs),
@@ -1016,6 +1039,17 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
               "domains": ", ".join(cfg.data.builtin + list(cfg.data.domains))}
     if not results:
         raise RuntimeError("compare: no run finished; nothing to compare. " + "; ".join(failures))
+    start = share_start(results)
+    if start is not None:
+        text = f"avg dev loss {_mean_of(start['dev_loss']):.4f}"
+        if isinstance(start.get("dev_accuracy"), dict):
+            acc = start["dev_accuracy"]
+            text = (f"accuracy {100 * _mean_of(acc):.1f} % ("
+                    + ", ".join(f"{k} {100 * v:.0f}" for k, v in acc.items()) + "), " + text)
+        header["starting model (step 0)"] = text
+    walls = [r.wall_time for runs in results.values() for r in runs if r.wall_time is not None]
+    header["compute"] = (f"{sum(len(v) for v in results.values())} runs, {sum(walls) / 60:.1f} min of "
+                         "`train` wall-clock in all")
     md, _ = write_comparison(out, specs, results, header=header, failures=failures, test=test, alpha=alpha,
                              n_boot=n_boot)
     if failed:

@@ -181,6 +181,8 @@ class EvalConfig:
         max_examples: dev rows decoded per domain (the first ones).
         batch_size: prompts decoded together.
         max_new_tokens: decoding budget; default the longest gold response of the domain + 8.
+        accuracy_every: decode every this many steps instead (dev losses keep
+            ``train.eval_every``; the last step is always scored); ``None``: at every dev evaluation.
         at_start: also evaluate before the first step (a ``step: 0`` record with ``dev_loss``
             and, with ``accuracy``, ``dev_accuracy``): the starting model's scores.
     """
@@ -190,6 +192,7 @@ class EvalConfig:
     max_examples: int = 64
     batch_size: int = 32
     max_new_tokens: int | None = None
+    accuracy_every: int | None = None
     at_start: bool = False
 
 
@@ -334,6 +337,9 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: got {getattr(t, key)}, expected an integer >= 1")
+    ae = cfg.eval.accuracy_every
+    if ae is not None and (isinstance(ae, bool) or not isinstance(ae, int) or ae < 1):
+        raise ConfigError(f"eval.accuracy_every: got {ae!r}, expected null or an integer >= 1")
     for key in ("eval_every", "save_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: got {getattr(t, key)}, expected an integer >= 0")

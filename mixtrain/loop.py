@@ -527,7 +527,9 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
             dev_now = run_dev()
         if dev_now is not None:
             last_dev = dev_now
-        if step % t.log_every == 0 or is_last or do_eval:
+        every = cfg.eval.accuracy_every
+        do_acc = acc_eval is not None and (is_last or (do_eval if every is None else step % every == 0))
+        if step % t.log_every == 0 or is_last or do_eval or do_acc:
             with np.errstate(invalid="ignore", divide="ignore"):
                 dl = np.where(win_count > 0, win_loss / np.maximum(win_count, 1), np.nan)
             rec: dict[str, Any] = {
@@ -547,7 +549,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
             }
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
-            if acc_eval is not None and (do_eval or is_last):
+            if do_acc:
                 rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
             if is_last and info.is_main and (dev_rows is not None or acc_eval is not None):
                 # before metrics/checkpoint: a run whose last checkpoint exists also has this file

@@ -165,6 +165,24 @@ def test_single_seed_has_no_spread_mark(tmp_path: Path) -> None:
     assert v["p_signflip"] == 1.0  # the smallest two-sided p of one pair is 2/2
 
 
+def test_start_record_is_shared_by_every_run(tmp_path: Path) -> None:
+    from mixtrain.compare import share_start
+
+    w = {"x": 0.5, "y": 0.5}
+    _fake_run(tmp_path / "a", {"x": 2.0, "y": 1.0}, {"x": 1.0, "y": 0.5}, w, 1.0, acc10={"x": 0.5, "y": 0.25})
+    _fake_run(tmp_path / "b", {"x": 2.5, "y": 1.5}, {"x": 1.5, "y": 0.5}, w, 1.0, acc10={"x": 0.0, "y": 0.5})
+    path = tmp_path / "a" / "metrics.jsonl"
+    start = {"step": 0, "dev_loss": {"x": 3.0, "y": 2.0}, "dev_accuracy": {"x": 0.0, "y": 0.5}}
+    path.write_text(json.dumps(start) + "\n" + path.read_text())
+    results = {"a": [read_run(tmp_path / "a", "a")], "b": [read_run(tmp_path / "b", "b")]}
+    assert results["b"][0].start is None
+    assert share_start(results) == start
+    for runs in results.values():  # every curve starts at the shared step-0 point, once
+        assert runs[0].dev_curve[0] == (0, 2.5) and [s for s, _ in runs[0].dev_curve] == [0, 5, 10]
+        assert runs[0].acc_curve[0] == (0, 0.25) and [s for s, _ in runs[0].acc_curve] == [0, 10]
+    assert share_start({"b": [read_run(tmp_path / "b", "b")]}) is None
+
+
 def test_read_run_without_dev_loss(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "weights": {"x": 1.0}}) + "\n")
     with pytest.raises(ValueError, match="no dev_loss records; set train.eval_every > 0"):
@@ -184,7 +202,7 @@ def _config(tmp_path: Path) -> Path:
         "mixing": {"policy": "uniform"},
         "train": {"steps": 4, "micro_batch_size": 4, "lr": 1e-3, "eval_every": 2, "save_every": 2, "log_every": 1,
                   "threads": 1, "tensorboard": False},
-        "eval": {"accuracy": True, "max_examples": 4, "max_new_tokens": 4},
+        "eval": {"accuracy": True, "max_examples": 4, "max_new_tokens": 4, "at_start": True, "accuracy_every": 4},
         "output_dir": str(tmp_path / "unused"),
     }
     p = tmp_path / "cfg.yaml"
@@ -236,13 +254,22 @@ def test_compare_end_to_end_with_resume(tmp_path: Path) -> None:
             rd = out / "runs" / label / f"seed{seed}"
             assert json.loads((rd / "compare_run.json").read_text())["status"] == "done"
             recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
-            assert [r["step"] for r in recs] == [1, 2, 3, 4]
+            # the starting model is evaluated once, in the first run only; dev loss every 2 steps,
+            # accuracy every 4 (eval.accuracy_every) and at the start
+            first_run = (label, seed) == ("uniform", 0)
+            assert [r["step"] for r in recs] == ([0] if first_run else []) + [1, 2, 3, 4]
+            assert [r["step"] for r in recs if "dev_loss" in r] == ([0] if first_run else []) + [2, 4]
+            assert [r["step"] for r in recs if "dev_accuracy" in r] == ([0] if first_run else []) + [4]
             assert set(recs[-1]["dev_accuracy"]) == {"addition_1", "addition_2", "addition_3"}
+    rec0 = json.loads((first / "metrics.jsonl").read_text().splitlines()[0])
+    start_loss = sum(rec0["dev_loss"].values()) / 3
     weights = json.loads((out / "runs" / "random" / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])["weights"]
     assert weights["addition_3"] == pytest.approx(120 * 0.9 / (200 * 0.9), abs=0.01)  # proportional
     text = (out / "comparison.md").read_text()
     assert "| `uniform` (= stratified" in text and "| `random` (= proportional" in text
     assert "accuracy %" in text
+    assert f"avg dev loss {start_loss:.4f}" in text.split("**starting model (step 0)**")[1].splitlines()[0]
+    assert "- **compute**: 4 runs, " in text
     assert (out / "comparison.png").stat().st_size > 10_000
     # a third invocation runs nothing and rebuilds the same table
     res = subprocess.run(_compare_cmd(cfg, out, 1), check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

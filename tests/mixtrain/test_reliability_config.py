@@ -49,6 +49,14 @@ def test_time_limit_must_be_a_string_and_dist_timeout_positive():
             from_dict(apply_overrides(demo_config(), [f"train.dist_timeout={v}"]))
 
 
+def test_accuracy_every():
+    assert from_dict(apply_overrides(demo_config(), ["eval.accuracy_every=12"])).eval.accuracy_every == 12
+    assert from_dict(demo_config()).eval.accuracy_every is None
+    for v in ("0", "-3", "1.5", "true", "'x'"):  # range check, or the type check of every field
+        with pytest.raises(ConfigError, match=r"^eval\.accuracy_every: got .*expected (null or an integer >= 1|int \| None)"):
+            from_dict(apply_overrides(demo_config(), [f"eval.accuracy_every={v}"]))
+
+
 def test_resume_safe_fields_are_outside_the_fingerprint():
     base = from_dict(demo_config())
     other = from_dict(apply_overrides(demo_config(), ["train.time_limit=3h50m", "train.dist_timeout=20"]))
