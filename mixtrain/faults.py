@@ -168,7 +168,7 @@ class RankWatchdog:
         last: dict[int, int] = {}
         seen: dict[int, float] = {}
         start = time.monotonic()
-        store_ok = start
+        store_ok, store_failed = start, False
         while not self._stop.is_set():
             now = time.monotonic()
             try:
@@ -177,15 +177,21 @@ class RankWatchdog:
                     if r == self.rank:
                         continue
                     v = int(self.store.add(f"{self.prefix}/{r}", 0))
-                    if v != last.get(r):
+                    # a new heartbeat, or the store is back after failing: that silence was the
+                    # store's, not the rank's
+                    if v != last.get(r) or store_failed:
                         last[r], seen[r] = v, now
-                store_ok = now
+                store_ok, store_failed = now, False
             except Exception as e:  # noqa: BLE001 - a store that fails is the symptom we watch for
+                store_failed = True
                 if now - store_ok > self.silence:
                     self._dead(f"the rendezvous store (hosted by rank 0 or the launcher) stopped answering for "
                                f"{now - store_ok:.0f}s ({type(e).__name__}: {e}); rank 0 is missing. Run the same "
                                "command to resume from the last checkpoint")
                     return
+                # Heartbeats cannot be read while the store fails: judge the store, not the ranks.
+                self._stop.wait(self.interval)
+                continue
             missing = [r for r in range(self.world_size)
                        if r != self.rank and now - seen.get(r, start) > self.silence]
             if missing:

@@ -87,3 +87,16 @@ def test_watchdog_reports_a_store_that_stops_answering():
     (v,) = verdicts
     assert v.startswith("the rendezvous store (hosted by rank 0 or the launcher) stopped answering for ")
     assert "RuntimeError: Connection reset by peer" in v and "rank 0 is missing" in v
+
+
+def test_watchdog_forgives_a_store_outage_shorter_than_the_window():
+    store, verdicts = DictStore(), []
+    dogs = [_watch(store, r, 2, 0.8, verdicts) for r in range(2)]
+    time.sleep(0.2)
+    store.broken = True  # both ranks lose the store for most of the window...
+    time.sleep(0.3)
+    store.broken = False  # ...and get it back: neither rank is declared missing
+    time.sleep(0.6)
+    for d in dogs:
+        d.stop()
+    assert verdicts == []
