@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from finished runs")
     p.add_argument("--test", default="ttest", choices=["ttest", "bootstrap", "signflip"],
                    help="test that marks a difference significant (default ttest: paired t over seeds)")
+    p.add_argument("--baselines", default="uniform,random",
+                   help="comma-separated baseline rows: uniform, random and/or @labels of --policies entries "
+                        "(default uniform,random); every other row is tested against each")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level, Holm-corrected (default 0.05)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over dev examples (default 10000)")
     p = sub.add_parser("upcycle", help="a Mixtral MoE from a dense Llama-family model (LLaMA-MoE neuron split)")
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
                                  output=args.output, jobs=args.jobs, only_report=args.report_only,
-                                 test=args.test, alpha=args.alpha, n_boot=args.bootstrap)
+                                 test=args.test, alpha=args.alpha, n_boot=args.bootstrap,
+                                 baselines=args.baselines)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

@@ -21,7 +21,8 @@ Parameters from the config file's ``mixing.params`` are used only for the policy
 applies to every policy unless the entry sets its own. Extra ``section.key=value`` arguments
 override the config for every run (e.g. ``train.steps=50``).
 
-Baselines (always run, added when missing):
+Baselines (``--baselines``, default ``uniform,random``; always run, added when missing; any
+``@label`` of a ``--policies`` entry can be a baseline too, e.g. ``--baselines all_tasks``):
 
 * ``uniform`` — equal weight per domain (per skill for ``lego``/``addition``). This **is** the
   stratified baseline of Skill-It and Aioli; ``stratified`` is accepted as an alias and runs the
@@ -78,6 +79,7 @@ __all__ = [
     "TESTS",
     "PolicySpec",
     "RunResult",
+    "parse_baselines",
     "parse_policies",
     "parse_seeds",
     "read_run",
@@ -222,11 +224,37 @@ def _dedupe(specs: list[PolicySpec]) -> list[PolicySpec]:
     return out
 
 
-def with_baselines(specs: list[PolicySpec]) -> list[PolicySpec]:
-    """Put the baselines ``uniform`` and ``random`` first (added when missing)."""
-    base = parse_policies(",".join(BASELINES))
+def with_baselines(specs: list[PolicySpec], baselines: Sequence[str] = BASELINES) -> list[PolicySpec]:
+    """Put the baselines first: ``uniform`` / ``random`` / ``stratified`` are added when missing;
+    any other name must be the label of one of ``specs`` (e.g. ``--baselines all_tasks`` for a
+    ``fixed:...@all_tasks`` entry).
+
+    Raises:
+        ConfigError: a baseline that is neither a built-in baseline nor a label of ``specs``.
+    """
+    base: list[PolicySpec] = []
+    for name in baselines:
+        own = [s for s in specs if s.label == name]
+        if own:
+            base += own
+        elif name in BASELINES or name == "stratified":
+            base += parse_policies(name)
+        else:
+            raise ConfigError(f"--baselines: {name!r} is neither uniform, random nor the @label of a --policies "
+                              f"entry; labels: {[s.label for s in specs]}")
     rest = [s for s in specs if all(s.key != b.key for b in base)]
     return _dedupe(base + rest)
+
+
+def parse_baselines(text: str) -> list[str]:
+    """``"uniform,random"`` → the baseline labels (``stratified`` is ``uniform``).
+
+    Raises:
+        ConfigError: empty or repeated names."""
+    names = ["uniform" if x.strip() == "stratified" else x.strip() for x in text.split(",") if x.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--baselines {text!r}: expected distinct comma-separated labels, e.g. uniform,random")
+    return names
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -757,17 +785,18 @@ def _summary_json(summ: dict[str, Any], labels: list[str], primary: str) -> dict
 
 def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict[str, list[RunResult]],
                      *, header: dict[str, Any] | None = None, failures: Sequence[str] = (), test: str = "ttest",
-                     alpha: float = 0.05, n_boot: int = 10000) -> tuple[Path, Path]:
+                     alpha: float = 0.05, n_boot: int = 10000,
+                     baselines: Sequence[str] = BASELINES) -> tuple[Path, Path]:
     """Write ``comparison.md``, ``comparison.png``, ``comparison.json`` (everything) and
     ``summary.json`` (per-arm intervals and every test; schema in ``docs/compare.md``) in ``out``.
 
-    ``test``, ``alpha``, ``n_boot``: see :func:`summarize`.
+    ``test``, ``alpha``, ``n_boot``, ``baselines``: see :func:`summarize`.
 
     Returns:
         ``(md_path, png_path)``.
     """
     out = Path(out)
-    summ = summarize(results, test=test, alpha=alpha, n_boot=n_boot)
+    summ = summarize(results, baselines, test=test, alpha=alpha, n_boot=n_boot)
     rows = summ["rows"]
     labels = [s.label for s in specs if s.label in results]
     notes = {s.label: s for s in specs}
@@ -778,9 +807,13 @@ def write_comparison(out: str | Path, specs: Sequence[PolicySpec], results: dict
     lines = ["# mixtrain compare", ""]
     for k, v in (header or {}).items():
         lines.append(f"- **{k}**: {v}")
+    if list(base) == list(BASELINES):
+        base_text = ("- **baselines**: `uniform` = stratified (equal weight per domain/skill); `random` = `proportional` "
+                     "(uniform over training examples, p ∝ n). With equal domain sizes the two are the same mixture.")
+    else:
+        base_text = "- **baselines**: " + ", ".join(f"`{b}`" for b in base) + " (`--baselines`)."
     lines += [
-        ("- **baselines**: `uniform` = stratified (equal weight per domain/skill); `random` = `proportional` "
-         "(uniform over training examples, p ∝ n). With equal domain sizes the two are the same mixture."),
+        base_text,
         (f"- **primary metric**: {'dev accuracy (exact match); dev loss second' if has_acc else 'dev loss (no task accuracy in these runs)'}."),
         (f"- values are the mean over seeds with its {summ['confidence']:.0%} Student-t confidence interval "
          "`[lo, hi]` (final evaluation); `Δ` columns are the mean paired difference policy − baseline "
@@ -962,7 +995,8 @@ def _plot(path: Path, labels: list[str], results: dict[str, list[RunResult]], ro
 
 def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequence[str] = (),
                 output: str | None = None, jobs: int = 1, python: str | None = None,
-                only_report: bool = False, test: str = "ttest", alpha: float = 0.05, n_boot: int = 10000) -> Path:
+                only_report: bool = False, test: str = "ttest", alpha: float = 0.05, n_boot: int = 10000,
+                baselines: str = ",".join(BASELINES)) -> Path:
     """Run (or resume) the comparison and write the outputs; returns ``comparison.md``.
 
     Args:
@@ -977,6 +1011,8 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
         test: the test that marks significance (:data:`TESTS`); ``alpha``: its family-wise level
             (Holm); ``n_boot``: bootstrap resamples. All three only affect the report, so they
             can be changed with ``only_report`` without rerunning anything.
+        baselines: comma-separated baseline labels (``--baselines``): ``uniform``, ``random`` (added
+            when missing) or ``@label``s of ``policies`` entries; every other row is tested against each.
 
     Raises:
         ConfigError: bad config, policy spec, parameters or seeds (before anything runs).
@@ -993,7 +1029,8 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
     if n_boot < 1:
         raise ConfigError(f"--bootstrap: got {n_boot}, expected an integer >= 1")
     cfg = load_config(config, overrides)
-    specs = with_baselines(parse_policies(policies))
+    base_labels = parse_baselines(baselines)
+    specs = with_baselines(parse_policies(policies), base_labels)
     seed_list = parse_seeds(seeds)
     for s in specs:  # fail fast on unknown policies / parameters
         params = dict(cfg.mixing.params) if s.policy == cfg.mixing.policy else {}
@@ -1051,7 +1088,7 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
     header["compute"] = (f"{sum(len(v) for v in results.values())} runs, {sum(walls) / 60:.1f} min of "
                          "`train` wall-clock in all")
     md, _ = write_comparison(out, specs, results, header=header, failures=failures, test=test, alpha=alpha,
-                             n_boot=n_boot)
+                             n_boot=n_boot, baselines=base_labels)
     if failed:
         raise RuntimeError(f"compare: {len(failed)} run(s) failed: " + "; ".join(failures) + f" (partial table in {md})")
     return md

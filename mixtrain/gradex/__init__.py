@@ -10,7 +10,8 @@ from .estimate import Estimates, Lifter, SubsetEstimator, logreg_direction, samp
 from .gradients import gradient_pass, load_task_data, read_store
 from .objective import per_example_nll, per_example_objective
 from .pipeline import prepare, run_gradex
-from .select import cluster_examples, ensemble_scores, forward_selection, greedy, random_ensemble
+from .select import (cluster_examples, ensemble_scores, forward_selection, greedy, random_ensemble, random_subset,
+                     similarity_scores, top_fraction)
 from .validate import format_validation, run_validate
 
 __all__ = [
@@ -31,9 +32,12 @@ __all__ = [
     "per_example_objective",
     "prepare",
     "random_ensemble",
+    "random_subset",
     "read_store",
     "run_gradex",
     "run_validate",
     "sample_subsets",
+    "similarity_scores",
     "task_sums",
+    "top_fraction",
 ]

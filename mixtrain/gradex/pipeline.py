@@ -7,8 +7,10 @@ Outputs::
     gradex/store_train/          projected gradients + f(x; θ*) of every training example (resumable)
     gradex/store_target/         the same for the target dev examples
     gradex/estimates.npz         membership [S, T], scores [S], per_target [S, n]
-    gradex/task_scores.json      per-task random-ensemble score, example counts
-    gradex/selection.json        selected tasks + weights (``mixing: {policy: fixed, params: ...}``)
+    gradex/task_scores.json      per-task random-ensemble score, example counts, gradient similarity
+    gradex/selection.json        selected tasks + weights (``mixing: {policy: fixed, params: ...}``) and,
+                                 under ``baselines``, the same for all tasks, a random subset of the
+                                 same size and the top tasks by gradient similarity to the target
     gradex/report.png            task scores, subset-score histogram, estimate vs truth (if validated)
 """
 
@@ -32,7 +34,8 @@ from .estimate import Estimates, SubsetEstimator, sample_subsets
 from .gradients import Examples, TaskData, collate_rows, gradient_pass, load_task_data, read_store
 from .model import build, checkpoint_state_dict, gradex_modules, load_weights, run_loop
 from .objective import per_example_nll, per_example_objective
-from .select import cluster_examples, forward_selection, greedy, random_ensemble
+from .select import (cluster_examples, forward_selection, greedy, random_ensemble, random_subset, similarity_scores,
+                     top_fraction)
 
 log = logging.getLogger("mixtrain.gradex")
 
@@ -165,19 +168,35 @@ def _selection(p: Prepared, est: Estimates) -> dict[str, Any]:
         keep = np.isin(p.cluster_of, chosen)
         for t in np.asarray(p.data.train.tasks)[keep]:
             domain_counts[t] = domain_counts.get(t, 0) + 1
-    total = sum(domain_counts.values())
-    weights = {d: c / total for d, c in domain_counts.items()}
-    sel = {
-        "method": g.selection, "tasks": selected, "weights": weights,
-        "mixing": {"policy": "fixed", "params": {"weights": weights}},
-        "domains": sorted(weights, key=list(p.data.domain_order).index),
-        "trace": trace, "estimated_score": float(p.estimator.score(np.isin(np.arange(n), chosen)[None])[0][0]),
-        "all_tasks_score": float(p.estimator.score(np.ones((1, n), dtype=bool))[0][0]),
-    }
+    sel = {"method": g.selection, "tasks": selected, **_mixture(domain_counts, p.data.domain_order),
+           "trace": trace, "estimated_score": _estimate(p, chosen),
+           "all_tasks_score": float(p.estimator.score(np.ones((1, n), dtype=bool))[0][0])}
+    sim = similarity_scores(p.estimator.sums, counts, p.estimator.target_grad_mean)
     if p.cluster_of is not None:
         keep = np.isin(p.cluster_of, chosen)
         sel["example_ids"] = [int(i) for i in np.asarray(p.data.train.ids)[keep]]
-    return {"selection": sel, "ensemble_scores": ens[1]}
+    else:
+        # the baselines a selection is judged against, same size as the selection
+        picks = {"similarity": top_fraction(sim, len(chosen) / n),
+                 "random": random_subset(n, len(chosen), g.subset_seed),
+                 "all": np.arange(n)}
+        sel["baselines"] = {
+            name: {"tasks": [p.task_names[i] for i in idx], "estimated_score": _estimate(p, idx),
+                   **_mixture({p.task_names[i]: int(counts[i]) for i in idx}, p.data.domain_order)}
+            for name, idx in picks.items()}
+    return {"selection": sel, "ensemble_scores": ens[1], "similarity": sim}
+
+
+def _estimate(p: Prepared, chosen: np.ndarray) -> float:
+    return float(p.estimator.score(np.isin(np.arange(len(p.task_names)), chosen)[None])[0][0])
+
+
+def _mixture(domain_counts: dict[str, int], domain_order: Any) -> dict[str, Any]:
+    """Weights ∝ example counts, the ``fixed`` mixing block that trains on them, domains in order."""
+    total = sum(domain_counts.values())
+    weights = {d: c / total for d, c in domain_counts.items()}
+    return {"weights": weights, "mixing": {"policy": "fixed", "params": {"weights": weights}},
+            "domains": sorted(weights, key=list(domain_order).index)}
 
 
 def run_gradex(cfg: Config) -> dict[str, Any]:
@@ -199,8 +218,9 @@ def run_gradex(cfg: Config) -> dict[str, Any]:
         "metric": "estimated target log-odds" if g.evaluate == "first_order" and g.objective == "log_odds"
         else ("estimated target log-likelihood" if g.evaluate == "first_order" else "-(target dev loss)"),
         "base_per_target": dict(zip(p.data.target_names, map(float, est.base_per_target))),
-        "tasks": {t: {"score": None if np.isnan(s) else float(s), "examples": int(c)}
-                  for t, s, c in zip(p.task_names, scores, p.estimator.counts)},
+        "tasks": {t: {"score": None if np.isnan(s) else float(s), "examples": int(c),
+                      "similarity": None if np.isnan(c_) else float(c_)}
+                  for t, s, c, c_ in zip(p.task_names, scores, p.estimator.counts, res["similarity"])},
         "settings": {k: getattr(g, k) for k in ("objective", "projection", "project_dim", "estimator", "evaluate",
                                                  "scale", "number_of_subsets", "subset_size", "selection")},
     }

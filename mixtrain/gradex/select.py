@@ -7,6 +7,9 @@
   the best so far. Not classical stepwise selection.
 * :func:`greedy`: classical forward stepwise selection: each round adds the remaining task with
   the best estimate, stopping when no addition improves it.
+* :func:`similarity_scores` / :func:`top_fraction`: the gradient-similarity baseline (a task's
+  mean projected gradient against the target's, by cosine; the selection LESS-style methods make),
+  and :func:`random_subset`, the equal-size random baseline.
 * :func:`cluster_examples` (``fast_estimate_cluster_gradients.py``): agglomerative clustering of
   examples' projected gradients (cosine, average linkage) into pseudo-tasks.
 
@@ -35,9 +38,32 @@ def ensemble_scores(membership: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def random_ensemble(membership: np.ndarray, scores: np.ndarray, keep_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(selected task indices sorted by score, task scores [T])``; keeps ``ceil(keep_fraction · T)``."""
     t = ensemble_scores(membership, scores)
-    k = max(1, math.ceil(keep_fraction * len(t)))
-    order = np.argsort(-np.nan_to_num(t, nan=-np.inf), kind="stable")
-    return order[:k], t
+    return top_fraction(t, keep_fraction), t
+
+
+def similarity_scores(task_sums: np.ndarray, task_counts: np.ndarray, target_mean: np.ndarray) -> np.ndarray:
+    """Cosine of each task's mean projected gradient ``task_sums[t] / task_counts[t]`` (``[T, K]``)
+    with the target's mean projected gradient (``[K]``, or ``[n, K]`` averaged over the n target
+    domains): ``[T]``; NaN for a task without examples or a zero gradient. The projection keeps
+    inner products in expectation (Johnson-Lindenstrauss), so this estimates the full-gradient cosine."""
+    mean = np.asarray(task_sums, dtype=np.float64) / np.maximum(np.asarray(task_counts, dtype=np.float64), 1)[:, None]
+    tgt = np.asarray(target_mean, dtype=np.float64)
+    if tgt.ndim == 2:
+        tgt = tgt.mean(0)
+    norms = np.linalg.norm(mean, axis=1) * np.linalg.norm(tgt)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((norms > 0) & (np.asarray(task_counts) > 0), mean @ tgt / norms, np.nan)
+
+
+def top_fraction(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """Indices of the ``ceil(keep_fraction · T)`` highest scores, best first (NaN last)."""
+    k = max(1, math.ceil(keep_fraction * len(scores)))
+    return np.argsort(-np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), kind="stable")[:k]
+
+
+def random_subset(num_tasks: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct task indices drawn uniformly with ``seed``, sorted."""
+    return np.sort(np.random.default_rng(seed).choice(num_tasks, size=size, replace=False))
 
 
 def forward_selection(num_tasks: int, score_fn: ScoreFn) -> tuple[np.ndarray, list[float]]:

@@ -285,3 +285,7 @@ def test_compare_bad_policy_fails_before_running(tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "runs").exists()
     rc = main(["compare", str(cfg), "--policies", "temperature:tau=3", "--output", str(tmp_path / "o")])
     assert rc == 2
+    rc = main(["compare", str(cfg), "--policies", "temperature:temperature=3@t3", "--baselines", "t4",
+               "--output", str(tmp_path / "o")])
+    assert rc == 2  # a baseline that is no row
+    assert not (tmp_path / "o" / "runs").exists()

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from mixtrain.compare import PolicySpec, read_run, summarize, with_baselines, write_comparison
+from mixtrain.compare import PolicySpec, parse_baselines, read_run, summarize, with_baselines, write_comparison
+from mixtrain.config import ConfigError
 from mixtrain.stats import RatioData, holm, paired_bootstrap, paired_t, sign_flip, t_interval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,6 +253,41 @@ def test_table_marks_only_the_chosen_test_and_writes_summary(tmp_path: Path) -> 
     strong_row = next(line for line in text.splitlines() if line.startswith("| `strong`"))
     assert " *" in strong_row  # significant vs both baselines by the bootstrap
     assert " *" not in next(line for line in text.splitlines() if line.startswith("| `weak`"))
+
+
+def test_own_rows_as_baselines(tmp_path: Path) -> None:
+    """``--baselines weak``: every other row is tested against ``weak`` alone; uniform / random are
+    not added; the pairs are the same t-tests as against the built-in baselines."""
+    from scipy import stats
+
+    results = _fabricate(tmp_path)
+    specs = with_baselines([PolicySpec("strong", "strong"), PolicySpec("weak", "weak")], parse_baselines("weak"))
+    assert [s.label for s in specs] == ["weak", "strong"]  # the baseline first, nothing added
+    only = {k: results[k] for k in ("weak", "strong")}
+    write_comparison(tmp_path, specs, only, baselines=["weak"], n_boot=500)
+    summ = json.loads((tmp_path / "summary.json").read_text())
+    assert {(c["policy"], c["baseline"]) for c in summ["comparisons"]} == {("strong", "weak")}
+    for c in summ["comparisons"]:
+        key = "acc_avg" if c["metric"] == "accuracy" else "dev_avg"
+        a, b = ([getattr(r, key) for r in only[x]] for x in ("strong", "weak"))
+        assert c["p_ttest"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "- **baselines**: `weak` (`--baselines`)." in text
+    assert "Δacc vs weak (pts)" in text and "vs uniform" not in text
+    # a built-in baseline named next to an own row is added; stratified is uniform
+    both = with_baselines([PolicySpec("strong", "strong")], parse_baselines("stratified,strong"))
+    assert [s.label for s in both] == ["uniform", "strong"]
+
+
+@pytest.mark.parametrize("text,msg", [("", "expected distinct"), ("weak,weak", "expected distinct")])
+def test_parse_baselines_errors(text: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        parse_baselines(text)
+
+
+def test_unknown_baseline_names_the_labels() -> None:
+    with pytest.raises(ConfigError, match=r"--baselines: 'nope' is neither uniform, random nor the @label.*'strong'"):
+        with_baselines([PolicySpec("strong", "strong")], ["nope"])
 
 
 def test_stale_or_missing_examples_give_no_bootstrap(tmp_path: Path) -> None:

@@ -21,8 +21,11 @@ from mixtrain.gradex import (
     logreg_direction,
     per_example_objective,
     random_ensemble,
+    random_subset,
     read_store,
     sample_subsets,
+    similarity_scores,
+    top_fraction,
 )
 from mixtrain.gradex.gradients import Examples, Stored, collate_rows
 from mixtrain.gradex.model import add_to_weights, gradex_modules, trainable_vector
@@ -331,3 +334,19 @@ def test_task_data_errors():
         from mixtrain.gradex import task_sums
 
         task_sums(Stored(np.arange(2), ["a", "a"], np.ones((2, 3)), np.zeros(2), {}), ["a", "z"])
+
+
+def test_similarity_selection_by_hand() -> None:
+    """Cosine of each task's mean projected gradient with the target's mean (two target domains
+    averaged); an empty task is NaN and never selected before a real one."""
+    sums = np.array([[2.0, 0.0], [0.0, 3.0], [3.0, 3.0], [0.0, 0.0]])
+    counts = np.array([2, 3, 1, 0])
+    target = np.array([[1.0, 0.0], [1.0, 2.0]])  # mean [1, 1]
+    sim = similarity_scores(sums, counts, target)
+    r = 1 / math.sqrt(2)
+    assert sim[:3] == pytest.approx([r, r, 1.0]) and math.isnan(sim[3])
+    assert top_fraction(sim, 0.5).tolist() == [2, 0]  # ties keep index order
+    assert top_fraction(sim, 1.0).tolist()[-1] == 3
+    pick = random_subset(8, 3, seed=5)
+    assert len(set(pick.tolist())) == 3 and pick.tolist() == sorted(pick.tolist()) and pick.max() < 8
+    assert random_subset(8, 3, seed=5).tolist() == pick.tolist()

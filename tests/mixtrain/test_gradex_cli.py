@@ -50,6 +50,12 @@ def test_gradex_cli_end_to_end(tmp_path):
     sel = json.loads((out / "selection.json").read_text())
     assert sel["tasks"] and set(sel["tasks"]) <= {"lego_1", "lego_2", "addition_1"}
     assert abs(sum(sel["weights"].values()) - 1) < 1e-9
+    base = sel["baselines"]  # all tasks, and a random and a similarity subset of the selection's size
+    assert base["all"]["tasks"] == ["lego_1", "lego_2", "addition_1"]
+    assert len(base["random"]["tasks"]) == len(base["similarity"]["tasks"]) == len(sel["tasks"])
+    sims = {t: v["similarity"] for t, v in json.loads((out / "task_scores.json").read_text())["tasks"].items()}
+    assert base["similarity"]["tasks"] == sorted(sims, key=lambda t: -sims[t])[: len(sel["tasks"])]
+    assert all(-1 <= v <= 1 for v in sims.values())
 
     from mixtrain import policies
 
