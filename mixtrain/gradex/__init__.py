@@ -10,8 +10,16 @@ from .estimate import Estimates, Lifter, SubsetEstimator, logreg_direction, samp
 from .gradients import gradient_pass, load_task_data, read_store
 from .objective import per_example_nll, per_example_objective
 from .pipeline import prepare, run_gradex
-from .select import (cluster_examples, ensemble_scores, forward_selection, greedy, random_ensemble, random_subset,
-                     similarity_scores, top_fraction)
+from .select import (
+                     cluster_examples,
+                     ensemble_scores,
+                     forward_selection,
+                     greedy,
+                     random_ensemble,
+                     random_subset,
+                     similarity_scores,
+                     top_fraction,
+)
 from .validate import format_validation, run_validate
 
 __all__ = [

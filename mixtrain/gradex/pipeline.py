@@ -34,8 +34,15 @@ from .estimate import Estimates, SubsetEstimator, sample_subsets
 from .gradients import Examples, TaskData, collate_rows, gradient_pass, load_task_data, read_store
 from .model import build, checkpoint_state_dict, gradex_modules, load_weights, run_loop
 from .objective import per_example_nll, per_example_objective
-from .select import (cluster_examples, forward_selection, greedy, random_ensemble, random_subset, similarity_scores,
-                     top_fraction)
+from .select import (
+    cluster_examples,
+    forward_selection,
+    greedy,
+    random_ensemble,
+    random_subset,
+    similarity_scores,
+    top_fraction,
+)
 
 log = logging.getLogger("mixtrain.gradex")
 

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
-from mixtrain.compare import PolicySpec, parse_baselines, read_run, summarize, with_baselines, write_comparison
+from mixtrain.compare import (
+    PolicySpec,
+    parse_baselines,
+    read_run,
+    summarize,
+    with_baselines,
+    write_comparison,
+)
 from mixtrain.config import ConfigError
 from mixtrain.stats import RatioData, holm, paired_bootstrap, paired_t, sign_flip, t_interval
 
