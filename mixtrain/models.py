@@ -38,6 +38,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -257,6 +258,24 @@ def _convert_gguf(gguf: Path, dest: Path, *, name: str, source: dict[str, Any]) 
     return dest
 
 
+@contextlib.contextmanager
+def _exclusive(dest: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``dest`` so that processes preparing the same model at once (the
+    ranks of a first run on an empty cache) convert it once; the others wait, then find it cached."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "a+b") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock; concurrent conversions still each write a whole copy
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_model(name: str, *, force: bool = False) -> Path:
     """The cached HF directory of a known model or a ``.gguf`` path, converting it if needed.
 
@@ -266,9 +285,12 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
     if name in KNOWN_MODELS:
         dest = _model_dir(name)
         if force or not is_cached(dest):
-            src = KNOWN_MODELS[name]
-            gguf = _download_gguf(src)
-            _convert_gguf(gguf, dest, name=name, source={"known": name, "origin": src.origin, "sha256": src.sha256})
+            with _exclusive(dest):
+                if force or not is_cached(dest):  # another process may have prepared it meanwhile
+                    src = KNOWN_MODELS[name]
+                    gguf = _download_gguf(src)
+                    _convert_gguf(gguf, dest, name=name,
+                                  source={"known": name, "origin": src.origin, "sha256": src.sha256})
         return dest
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -278,7 +300,9 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         dest = cache_root() / "models" / f"{path.stem.lower()}-{key}"
         if force or not is_cached(dest):
-            _convert_gguf(path, dest, name=path.stem, source={"gguf": str(path.resolve()), "size": st.st_size})
+            with _exclusive(dest):
+                if force or not is_cached(dest):
+                    _convert_gguf(path, dest, name=path.stem, source={"gguf": str(path.resolve()), "size": st.st_size})
         return dest
     raise ModelError(f"model {name!r} is not a known name ({', '.join(KNOWN_MODELS)}) nor a .gguf file")
 

@@ -138,6 +138,34 @@ def test_gguf_path_is_converted_once_into_the_cache(tmp_path: Path, monkeypatch:
         models.resolve_model(str(tmp_path / "missing.gguf"))
 
 
+def test_concurrent_first_use_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks preparing the same model on an empty cache: one converts, the other waits for it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("MIXTRAIN_HOME", str(tmp_path / "home"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    calls = []
+
+    def slow_convert(path: Path, dest: Path, *, name: str, source: dict) -> Path:
+        calls.append(name)
+        time.sleep(0.3)  # both callers are inside prepare_model by now
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+        (dest / models.MARKER).write_text("{}")
+        return dest
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    got: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(models.resolve_model(str(gguf_file)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(got) == 2 and got[0] == got[1] and calls == ["m"]
+
+
 def test_missing_model_error_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIXTRAIN_HOME", str(tmp_path))
     monkeypatch.setattr(models, "_installed_file", lambda src: None)
