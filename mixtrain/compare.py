@@ -217,6 +217,9 @@ def _dedupe(specs: list[PolicySpec]) -> list[PolicySpec]:
     for s in specs:
         same = [o for o in out if o.key == s.key]
         if same:
+            if s.label != same[0].label:
+                log.warning("`%s` is the same run as `%s` (same policy and parameters): run and listed once, "
+                            "as `%s`", s.label, same[0].label, same[0].label)
             continue  # e.g. uniform and stratified: one run
         if any(o.label == s.label for o in out):
             raise ConfigError(f"--policies: label {s.label!r} used twice for different runs; add @label to one")

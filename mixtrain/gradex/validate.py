@@ -80,6 +80,9 @@ def run_validate(cfg: Any) -> dict[str, Any]:
         sub_raw["data"]["builtin"] = [t for t in tasks if t in builtin_tasks]
         sub_raw["data"]["domains"] = {t: v for t, v in cfg.data.domains.items() if t in tasks}
         sub_raw["mixing"] = {"policy": "proportional", "params": {}, "update_every": None}
+        # the target is scored below, by the objective; the run's own accuracy may name domains
+        # (the target among them) that this subset does not train on
+        sub_raw["eval"].update(accuracy=False, accuracy_domains=None, at_start=False)
         sub_raw["train"].update(steps=g.validate_steps, lr=g.validate_lr or cfg.train.lr, warmup=0, save_every=0,
                                 eval_every=0, resume="none", tensorboard=False, progress=False)
         from ..config import from_dict
