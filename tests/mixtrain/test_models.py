@@ -115,20 +115,29 @@ def test_multi_turn_trains_every_assistant_turn(tok: HFTokenizer) -> None:
     assert ids == tok.render_chat(msgs, add_generation_prompt=False)  # the template's own rendering
 
 
-def test_gguf_path_is_converted_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MIXTRAIN_HOME", str(tmp_path / "home"))
-    gguf_file = tmp_path / "My-Model.Q8_0.gguf"
-    gguf_file.write_bytes(b"GGUF")
-    calls = []
+def _fake_conversion(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.0) -> list[tuple[Path, Path, str]]:
+    """Replace the GGUF conversion by one that writes a minimal complete entry; returns its calls."""
+    import time
+
+    calls: list[tuple[Path, Path, str]] = []
 
     def fake_convert(path: Path, dest: Path, *, name: str, source: dict) -> Path:
         calls.append((path, dest, name))
+        time.sleep(seconds)
         dest.mkdir(parents=True)
         (dest / "config.json").write_text("{}")
         (dest / models.MARKER).write_text("{}")
         return dest
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    return calls
+
+
+def test_gguf_path_is_converted_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXTRAIN_HOME", str(tmp_path / "home"))
+    gguf_file = tmp_path / "My-Model.Q8_0.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    calls = _fake_conversion(monkeypatch)
     first = models.resolve_model(str(gguf_file))
     assert models.resolve_model(str(gguf_file)) == first  # cached: converted once
     assert len(calls) == 1 and calls[0][2] == "My-Model.Q8_0"
@@ -141,29 +150,18 @@ def test_gguf_path_is_converted_once_into_the_cache(tmp_path: Path, monkeypatch:
 def test_concurrent_first_use_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks preparing the same model on an empty cache: one converts, the other waits for it."""
     import threading
-    import time
 
     monkeypatch.setenv("MIXTRAIN_HOME", str(tmp_path / "home"))
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
-    calls = []
-
-    def slow_convert(path: Path, dest: Path, *, name: str, source: dict) -> Path:
-        calls.append(name)
-        time.sleep(0.3)  # both callers are inside prepare_model by now
-        dest.mkdir(parents=True)
-        (dest / "config.json").write_text("{}")
-        (dest / models.MARKER).write_text("{}")
-        return dest
-
-    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    calls = _fake_conversion(monkeypatch, seconds=0.3)  # both callers are inside prepare_model by then
     got: list[str] = []
     threads = [threading.Thread(target=lambda: got.append(models.resolve_model(str(gguf_file)))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=10)
-    assert len(got) == 2 and got[0] == got[1] and calls == ["m"]
+    assert len(got) == 2 and got[0] == got[1] and [c[2] for c in calls] == ["m"]
 
 
 def test_missing_model_error_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
