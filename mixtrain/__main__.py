@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default="uniform,random",
                    help="comma-separated baseline rows: uniform, random and/or @labels of --policies entries "
                         "(default uniform,random); every other row is tested against each")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains to score (default all): dev loss, accuracy and the tests use "
+                        "only these, e.g. a held-out target task")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise level, Holm-corrected (default 0.05)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over dev examples (default 10000)")
     p = sub.add_parser("upcycle", help="a Mixtral MoE from a dense Llama-family model (LLaMA-MoE neuron split)")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 md = run_compare(args.config, args.policies, args.seeds, overrides=args.overrides,
                                  output=args.output, jobs=args.jobs, only_report=args.report_only,
                                  test=args.test, alpha=args.alpha, n_boot=args.bootstrap,
-                                 baselines=args.baselines)
+                                 baselines=args.baselines, domains=args.domains)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

@@ -453,7 +453,7 @@ def _num_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
 
 
-def _read_examples(run_dir: Path, final_step: int) -> dict[str, Any] | None:
+def _read_examples(run_dir: Path, final_step: int, domains: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``dev_examples.json`` when it is well formed and belongs to the final evaluation, else ``None``."""
     from .report import DEV_EXAMPLES_FILE
 
@@ -470,6 +470,8 @@ def _read_examples(run_dir: Path, final_step: int) -> dict[str, Any] | None:
                     data.get("step") if isinstance(data, dict) else "?", final_step)
         return None
     out: dict[str, Any] = {"dev_loss": None, "dev_accuracy": None}
+    if domains:
+        data = _only_domains([data], domains)[0]
     loss = data.get("dev_loss")
     if isinstance(loss, dict) and all(isinstance(v, dict) and _num_list(v.get("loss_sum")) and _num_list(v.get("tokens"))
                                       and len(v["loss_sum"]) == len(v["tokens"]) for v in loss.values()):
@@ -481,17 +483,37 @@ def _read_examples(run_dir: Path, final_step: int) -> dict[str, Any] | None:
     return out
 
 
-def read_run(run_dir: str | Path, label: str = "", seed: int = 0) -> RunResult:
-    """Parse a run directory.
+def _only_domains(recs: list[dict[str, Any]], domains: Sequence[str]) -> list[dict[str, Any]]:
+    """The records with their ``dev_loss`` / ``dev_accuracy`` restricted to ``domains``."""
+    keep = set(domains)
+    out = []
+    for r in recs:
+        r = dict(r)
+        for key in ("dev_loss", "dev_accuracy"):
+            if isinstance(r.get(key), dict):
+                r[key] = {k: v for k, v in r[key].items() if k in keep}
+        out.append(r)
+    return out
+
+
+def read_run(run_dir: str | Path, label: str = "", seed: int = 0, domains: Sequence[str] | None = None) -> RunResult:
+    """Parse a run directory; with ``domains``, only those domains are scored (dev loss, accuracy,
+    their curves and per-example results), e.g. a held-out target the mixtures never train on.
 
     Raises:
         FileNotFoundError: no ``metrics.jsonl``.
-        ValueError: no records, or no dev evaluation (``dev_loss``) in them.
+        ValueError: no records, or no dev evaluation (``dev_loss``) in them, or none of ``domains``
+            in the dev losses.
     """
     from .report import read_metrics
 
     run_dir = Path(run_dir)
     recs = read_metrics(run_dir)
+    if domains:
+        have = {k for r in recs if isinstance(r.get("dev_loss"), dict) for k in r["dev_loss"]}
+        if have and not have & set(domains):
+            raise ValueError(f"--domains {','.join(domains)}: none is a dev domain of {run_dir} ({sorted(have)})")
+        recs = _only_domains(recs, domains)
     if not recs:
         raise ValueError(f"{run_dir}/metrics.jsonl has no records")
     devs = [r for r in recs if isinstance(r.get("dev_loss"), dict)]
@@ -515,7 +537,7 @@ def read_run(run_dir: str | Path, label: str = "", seed: int = 0) -> RunResult:
         weights_final={k: float(v) for k, v in recs[-1]["weights"].items()},
         train_time=train_time, policy_time=policy_time,
         wall_time=float(marker["wall_time"]) if "wall_time" in marker else None,
-        examples=_read_examples(run_dir, int(devs[-1]["step"])),
+        examples=_read_examples(run_dir, int(devs[-1]["step"]), domains),
         start=next((r for r in devs if r["step"] == 0), None),
     )
 
@@ -996,10 +1018,17 @@ def _plot(path: Path, labels: list[str], results: dict[str, list[RunResult]], ro
 # ---- entry point ---------------------------------------------------------------------------------
 
 
+def _configured_domains(cfg: Config) -> list[str]:
+    """Domain names of the config (built-in families expanded into their skills)."""
+    from .data.builtin import expand_builtin
+
+    return list(expand_builtin(cfg.data.builtin)) + list(cfg.data.domains)
+
+
 def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequence[str] = (),
                 output: str | None = None, jobs: int = 1, python: str | None = None,
                 only_report: bool = False, test: str = "ttest", alpha: float = 0.05, n_boot: int = 10000,
-                baselines: str = ",".join(BASELINES)) -> Path:
+                baselines: str = ",".join(BASELINES), domains: str | None = None) -> Path:
     """Run (or resume) the comparison and write the outputs; returns ``comparison.md``.
 
     Args:
@@ -1016,6 +1045,8 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
             can be changed with ``only_report`` without rerunning anything.
         baselines: comma-separated baseline labels (``--baselines``): ``uniform``, ``random`` (added
             when missing) or ``@label``s of ``policies`` entries; every other row is tested against each.
+        domains: comma-separated domains to score (``--domains``; default every dev domain): dev
+            loss, accuracy, the tests and the curves use only these, e.g. a held-out target.
 
     Raises:
         ConfigError: bad config, policy spec, parameters or seeds (before anything runs).
@@ -1033,6 +1064,12 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
         raise ConfigError(f"--bootstrap: got {n_boot}, expected an integer >= 1")
     cfg = load_config(config, overrides)
     base_labels = parse_baselines(baselines)
+    scored = [d.strip() for d in (domains or "").split(",") if d.strip()] or None
+    if scored:
+        configured = _configured_domains(cfg)
+        unknown = [d for d in scored if d not in configured]
+        if unknown:
+            raise ConfigError(f"--domains: unknown domain(s) {unknown}; domains: {configured}")
     specs = with_baselines(parse_policies(policies), base_labels)
     seed_list = parse_seeds(seeds)
     for s in specs:  # fail fast on unknown policies / parameters
@@ -1071,12 +1108,14 @@ def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequ
             failures.append(f"`{j.spec.label}` seed {j.seed}: not finished")
             continue
         try:
-            results.setdefault(j.spec.label, []).append(read_run(j.run_dir, j.spec.label, j.seed))
+            results.setdefault(j.spec.label, []).append(read_run(j.run_dir, j.spec.label, j.seed, scored))
         except (FileNotFoundError, ValueError) as e:
             failures.append(f"`{j.spec.label}` seed {j.seed}: {e}")
     header = {"config": config, "overrides": " ".join(overrides) or "(none)", "seeds": seeds,
               "steps": cfg.train.steps, "model": (cfg.model.config or {}).get("model_type", cfg.model.name_or_path),
               "domains": ", ".join(cfg.data.builtin + list(cfg.data.domains))}
+    if scored:
+        header["scored domains"] = ", ".join(scored) + " (`--domains`: dev loss and accuracy of these only)"
     if not results:
         raise RuntimeError("compare: no run finished; nothing to compare. " + "; ".join(failures))
     start = share_start(results)

@@ -30,7 +30,7 @@ import numpy as np
 
 from .sources import DataError, Record
 
-__all__ = ["ADDITION_SKILLS", "BUILTIN_DOMAINS", "LEGO_SKILLS", "builtin_domains", "generate"]
+__all__ = ["ADDITION_SKILLS", "BUILTIN_DOMAINS", "LEGO_SKILLS", "builtin_domains", "expand_builtin", "generate"]
 
 LEGO_SKILLS = 5
 ADDITION_SKILLS = 3
@@ -233,7 +233,8 @@ def generate(name: str, size: int, seed: int) -> list[Record]:
     )
 
 
-def _expand(names: list[str]) -> Iterator[str]:
+def expand_builtin(names: list[str]) -> Iterator[str]:
+    """The domain names of ``data.builtin``: ``lego`` / ``addition`` become their skills."""
     for n in names:
         if n == "lego":
             yield from (f"lego_{k}" for k in range(1, LEGO_SKILLS + 1))
@@ -257,4 +258,4 @@ def builtin_domains(names: list[str], *, size: int | Mapping[str, int], seed: in
     """Expand ``lego``/``addition`` into skills and generate every requested domain.
 
     ``size``: examples per domain, or ``{domain | family | "*": n}`` (default 400)."""
-    return [(n, generate(n, _size_for(n, size), seed)) for n in _expand(names)]
+    return [(n, generate(n, _size_for(n, size), seed)) for n in expand_builtin(names)]

@@ -289,3 +289,7 @@ def test_compare_bad_policy_fails_before_running(tmp_path: Path) -> None:
                "--output", str(tmp_path / "o")])
     assert rc == 2  # a baseline that is no row
     assert not (tmp_path / "o" / "runs").exists()
+    rc = main(["compare", str(cfg), "--policies", "temperature:temperature=3", "--domains", "nope",
+               "--output", str(tmp_path / "o")])
+    assert rc == 2  # a scored domain that is not configured
+    assert not (tmp_path / "o" / "runs").exists()

@@ -286,6 +286,22 @@ def test_own_rows_as_baselines(tmp_path: Path) -> None:
     assert [s.label for s in both] == ["uniform", "strong"]
 
 
+def test_scored_domains_only(tmp_path: Path) -> None:
+    """``--domains x``: dev loss, accuracy, curves and the bootstrap see domain ``x`` alone."""
+    full = _fabricate(tmp_path)
+    only = {lab: [read_run(tmp_path / "runs" / lab / f"seed{r.seed}", lab, r.seed, domains=["x"]) for r in runs]
+            for lab, runs in full.items()}
+    for lab, runs in only.items():
+        for r, f in zip(runs, full[lab]):
+            assert list(r.dev_final) == ["x"] and r.dev_avg == f.dev_final["x"]
+            assert r.acc_avg == f.acc_final["x"] and r.dev_curve[-1][1] == f.dev_final["x"]
+            assert list(r.examples["dev_loss"]) == ["x"] and list(r.examples["dev_accuracy"]) == ["x"]
+    c = summarize(only, n_boot=500)["rows"]["strong"]["vs"]["uniform"]["dev_avg"]
+    assert c["bootstrap"]["diff"] == pytest.approx(c["diff"])  # the examples agree with the restricted metric
+    with pytest.raises(ValueError, match=r"--domains nope: none is a dev domain"):
+        read_run(tmp_path / "runs" / "strong" / "seed0", domains=["nope"])
+
+
 @pytest.mark.parametrize("text,msg", [("", "expected distinct"), ("weak,weak", "expected distinct")])
 def test_parse_baselines_errors(text: str, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
