@@ -67,7 +67,10 @@ def run_validate(cfg: Any) -> dict[str, Any]:
         raise ConfigError("gradex-validate: tasks are example clusters (gradex.num_clusters); the training loop "
                           "mixes domains, so validation needs domain tasks (unset num_clusters)")
     membership = sample_subsets(len(p.task_names), g.number_of_subsets, g.subset_size, g.subset_seed)
-    subsets = membership[: g.validate_subsets]
+    # the first distinct subsets: random draws repeat (8 of C(8, 4) = 70 subsets often do), and a
+    # repeated subset would be fine-tuned and counted twice
+    _, first = np.unique(membership, axis=0, return_index=True)
+    subsets = membership[np.sort(first)[: g.validate_subsets]]
     est_scores, _ = p.estimator.score(subsets)
     base_loss, base_f = target_eval(p.model, p.data.target, p.data.target_names, g.objective, p.data.pad_token_id)
     grads = _target_grads(p)
