@@ -72,6 +72,7 @@ def test_gradex_cli_end_to_end(tmp_path):
     assert "Spearman" in r.stdout and "relative error" in r.stdout
     v = json.loads((out / "validation.json").read_text())
     assert len(v["subsets"]) == 2
+    assert sorted(tuple(r["tasks"]) for r in v["subsets"]) == [("lego_1",), ("lego_2",)]  # distinct subsets
     for row in v["subsets"]:
         assert row["delta_norm_ratio"] > 0  # the loop really trained from θ*
         assert row["rel_error"] < 0.5
