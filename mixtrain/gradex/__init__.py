@@ -11,14 +11,15 @@ from .gradients import gradient_pass, load_task_data, read_store
 from .objective import per_example_nll, per_example_objective
 from .pipeline import prepare, run_gradex
 from .select import (
-                     cluster_examples,
-                     ensemble_scores,
-                     forward_selection,
-                     greedy,
-                     random_ensemble,
-                     random_subset,
-                     similarity_scores,
-                     top_fraction,
+    cluster_examples,
+    ensemble_scores,
+    forward_selection,
+    greedy,
+    random_ensemble,
+    random_subset,
+    similarity_scores,
+    top_fraction,
+    top_k,
 )
 from .validate import format_validation, run_validate
 
@@ -48,4 +49,5 @@ __all__ = [
     "similarity_scores",
     "task_sums",
     "top_fraction",
+    "top_k",
 ]

@@ -41,7 +41,7 @@ from .select import (
     random_ensemble,
     random_subset,
     similarity_scores,
-    top_fraction,
+    top_k,
 )
 
 log = logging.getLogger("mixtrain.gradex")
@@ -184,7 +184,7 @@ def _selection(p: Prepared, est: Estimates) -> dict[str, Any]:
         sel["example_ids"] = [int(i) for i in np.asarray(p.data.train.ids)[keep]]
     else:
         # the baselines a selection is judged against, same size as the selection
-        picks = {"similarity": top_fraction(sim, len(chosen) / n),
+        picks = {"similarity": top_k(sim, len(chosen)),
                  "random": random_subset(n, len(chosen), g.subset_seed),
                  "all": np.arange(n)}
         sel["baselines"] = {

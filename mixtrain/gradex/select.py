@@ -7,7 +7,7 @@
   the best so far. Not classical stepwise selection.
 * :func:`greedy`: classical forward stepwise selection: each round adds the remaining task with
   the best estimate, stopping when no addition improves it.
-* :func:`similarity_scores` / :func:`top_fraction`: the gradient-similarity baseline (a task's
+* :func:`similarity_scores` / :func:`top_k`: the gradient-similarity baseline (a task's
   mean projected gradient against the target's, by cosine; the selection LESS-style methods make),
   and :func:`random_subset`, the equal-size random baseline.
 * :func:`cluster_examples` (``fast_estimate_cluster_gradients.py``): agglomerative clustering of
@@ -55,10 +55,14 @@ def similarity_scores(task_sums: np.ndarray, task_counts: np.ndarray, target_mea
         return np.where((norms > 0) & (np.asarray(task_counts) > 0), mean @ tgt / norms, np.nan)
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, best first (NaN last, ties in index order)."""
+    return np.argsort(-np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), kind="stable")[:k]
+
+
 def top_fraction(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
     """Indices of the ``ceil(keep_fraction · T)`` highest scores, best first (NaN last)."""
-    k = max(1, math.ceil(keep_fraction * len(scores)))
-    return np.argsort(-np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf), kind="stable")[:k]
+    return top_k(scores, max(1, math.ceil(keep_fraction * len(scores))))
 
 
 def random_subset(num_tasks: int, size: int, seed: int) -> np.ndarray:

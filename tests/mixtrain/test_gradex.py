@@ -26,6 +26,7 @@ from mixtrain.gradex import (
     sample_subsets,
     similarity_scores,
     top_fraction,
+    top_k,
 )
 from mixtrain.gradex.gradients import Examples, Stored, collate_rows
 from mixtrain.gradex.model import add_to_weights, gradex_modules, trainable_vector
@@ -347,6 +348,7 @@ def test_similarity_selection_by_hand() -> None:
     assert sim[:3] == pytest.approx([r, r, 1.0]) and math.isnan(sim[3])
     assert top_fraction(sim, 0.5).tolist() == [2, 0]  # ties keep index order
     assert top_fraction(sim, 1.0).tolist()[-1] == 3
+    assert top_k(np.arange(7.0), 3).tolist() == [6, 5, 4]  # exactly k (ceil(3 / 7 * 7) would be 4)
     pick = random_subset(8, 3, seed=5)
     assert len(set(pick.tolist())) == 3 and pick.tolist() == sorted(pick.tolist()) and pick.max() < 8
     assert random_subset(8, 3, seed=5).tolist() == pick.tolist()
