@@ -272,12 +272,13 @@ class RouterStatsCollector:
         return total
 
 
-def _record_layers(record: _Forward, index: int, names: list[str]) -> list[torch.Tensor]:
+def _record_layers(record: _Forward, index: int, names: list[str],
+                   where: str = "RouterStatsCollector.stats()") -> list[torch.Tensor]:
     counts = [len(calls) for calls in record.logits]
     if len(set(counts)) != 1:
         detail = ", ".join(f"{name}: {c}" for name, c in zip(names, counts))
         raise RuntimeError(
-            f"RouterStatsCollector.stats(): forward {index} called the collected routers unevenly ({detail}); "
+            f"{where}: forward {index} called the collected routers unevenly ({detail}); "
             "every collected layer must route the same tokens"
         )
     layers = [calls[0] if len(calls) == 1 else torch.cat(calls) for calls in record.logits]
@@ -285,7 +286,7 @@ def _record_layers(record: _Forward, index: int, names: list[str]) -> list[torch
     for name, t in zip(names, layers):
         if t.dim() != 2 or t.shape[0] != n:
             raise RuntimeError(
-                f"RouterStatsCollector.stats(): router {name} produced logits of shape {tuple(t.shape)} in "
+                f"{where}: router {name} produced logits of shape {tuple(t.shape)} in "
                 f"forward {index}; expected [N = {n}, E] like the first collected router"
             )
     return layers
@@ -339,3 +340,67 @@ def _tokens(value: torch.Tensor | None, record: _Forward, n: int, name: str, ind
         f"RouterStatsCollector.stats(): {name} for forward {index} has shape {tuple(value.shape)} but that "
         f"forward routed N = {n} tokens; expected {expected}"
     )
+
+
+class RouterAuxLoss:
+    """The load-balancing loss of an MoE model's forwards, differentiable w.r.t. the routers.
+
+        aux = RouterAuxLoss(model)                     # hooks every MoE router
+        out = model(input_ids=ids, attention_mask=am)  # or any forward through the decoder
+        loss = out.loss + 0.02 * aux.loss(attention_mask=am)
+        aux.remove()
+
+    Each hooked router's logits of the forwards since the last ``loss()`` / ``reset()`` are kept
+    *with* their autograd graph (unlike :class:`RouterStatsCollector`); ``loss()`` concatenates
+    them per layer and returns ``mixkernels.load_balancing_loss`` over them, transformers'
+    ``load_balancing_loss_func`` (Switch / Mixtral), layers pooled as transformers pools them.
+    Router calls made while autograd runs a backward (activation-checkpoint recomputation) are
+    ignored. ``enabled = False`` pauses collection (e.g. for evaluation forwards).
+    """
+
+    def __init__(self, model: nn.Module, top_k: int | None = None, *, router_names: Sequence[str] | None = None) -> None:
+        routers = _find_routers(model, router_names)
+        self.top_k = _resolve_top_k(model, routers, top_k)
+        self.router_names = [name for name, _ in routers]
+        self.enabled = True
+        self._logits: list[list[torch.Tensor]] = [[] for _ in routers]
+        self._handles = [module.register_forward_hook(self._hook(i)) for i, (_, module) in enumerate(routers)]
+
+    def _hook(self, position: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self.enabled and torch._C._current_graph_task_id() == -1:
+                self._logits[position].append(_first_tensor(output))
+
+        return hook
+
+    def reset(self) -> None:
+        """Drop the logits kept so far (and their graphs)."""
+        self._logits = [[] for _ in self._logits]
+
+    def remove(self) -> None:
+        """Remove the hooks and drop the kept logits."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar float32 load-balancing loss of the forwards since the last call, then reset.
+
+        ``attention_mask``: None (every routed token counts) or a tensor with one entry per
+        routed token in call order ([B, S] for a single forward); non-zero = real token."""
+        if not any(self._logits):
+            raise RuntimeError("RouterAuxLoss.loss(): no router call recorded since the last loss(); run a forward first")
+        record = _Forward(None, None, self._logits)
+        layers = _record_layers(record, 0, self.router_names, "RouterAuxLoss.loss()")
+        self.reset()
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.numel() != layers[0].shape[0]:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(
+                    f"RouterAuxLoss.loss(): attention_mask has shape {got} but the routers saw "
+                    f"N = {layers[0].shape[0]} tokens; expected one entry per routed token"
+                )
+            mask = attention_mask.reshape(-1).to(device=layers[0].device) != 0
+        return router_stats(layers, self.top_k, mask=mask).load_balancing_loss()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._hf_router import RouterStatsCollector  # noqa: F401  (router statistics)
+from ._hf_router import RouterAuxLoss, RouterStatsCollector  # noqa: F401  (router statistics, aux loss)
 from .ops.linear_ce import CrossEntropyOutput, linear_cross_entropy
 
 # ==== causal_lm_loss (fused linear cross-entropy) ====================================

@@ -139,7 +139,10 @@ class TrainConfig:
     checkpoint, once the next step and a checkpoint might not fit in that wall-clock time since
     the start (exit code 75, as for SIGTERM; run the same command to continue). ``dist_timeout``:
     seconds a collective waits for the other ranks; a rank silent for half of it is named and
-    the others exit (see :mod:`mixtrain.faults`).
+    the others exit (see :mod:`mixtrain.faults`). ``router_aux_loss``: coefficient of the MoE
+    load-balancing loss (Switch / Mixtral, ``mixkernels.hf.RouterAuxLoss``) added to every
+    training micro-batch's loss; 0 (default) trains on the token loss alone. Mixtral uses 0.02,
+    Switch 0.01; an MoE model needs one to be found.
     """
 
     steps: int = 100
@@ -167,6 +170,7 @@ class TrainConfig:
     threads: int | None = None
     time_limit: str | None = None
     dist_timeout: float = 300.0
+    router_aux_loss: float = 0.0
 
 
 @dataclass
@@ -368,6 +372,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
     if not (math.isfinite(t.dist_timeout) and t.dist_timeout > 0):
         raise ConfigError(f"train.dist_timeout: got {t.dist_timeout}, expected a positive number of seconds")
+    if not (math.isfinite(t.router_aux_loss) and t.router_aux_loss >= 0):
+        raise ConfigError(f"train.router_aux_loss: got {t.router_aux_loss}, expected a finite coefficient >= 0")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints: got {t.keep_checkpoints}, expected >= 1")
     if not (0.0 <= d.dev_fraction < 1.0):
@@ -568,5 +574,7 @@ def config_fingerprint(cfg: Config) -> str:
               "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum",
               "time_limit", "dist_timeout"):
         d["train"].pop(k, None)
+    if not d["train"].get("router_aux_loss"):
+        d["train"].pop("router_aux_loss", None)  # off: checkpoints written before the option stay resumable
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -217,14 +217,29 @@ class LossModel(torch.nn.Module):
     ``forward(input_ids, attention_mask, labels, domain_ids)`` returns a dict with ``loss``,
     ``group_loss`` [D], ``group_count`` [D] and optionally ``token_loss`` / ``hidden``. Packed
     batches also pass ``position_ids`` (attention then stays within each example).
+    ``router_aux_loss`` > 0 (an MoE model): training forwards with a ``loss_scale`` add that
+    coefficient times the micro-batch's load-balancing loss (pads excluded) to ``loss`` and
+    report the unweighted term as ``router_aux_loss``; DeepSpeed's mean over micro-batches and
+    ranks then makes it the mean over the global batch's micro-batches, as in transformers.
     Wrapping (instead of calling the engine on the HF model) keeps every parameter access inside
     a module forward, which ZeRO-3 needs to gather the LM head for the fused loss.
     """
 
-    def __init__(self, model: torch.nn.Module, num_domains: int, zero_stage: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, num_domains: int, zero_stage: int = 0,
+                 router_aux_loss: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.num_domains = num_domains
+        self.router_aux_loss = router_aux_loss
+        self._aux = None
+        if router_aux_loss > 0:
+            from mixkernels.hf import RouterAuxLoss
+
+            try:
+                self._aux = RouterAuxLoss(model)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"train.router_aux_loss={router_aux_loss} needs an MoE model whose routers "
+                                  f"mixkernels can hook: {e}") from e
         self.return_token_loss = False
         self.capture_hidden = False
         self._hidden: torch.Tensor | None = None
@@ -255,10 +270,18 @@ class LossModel(torch.nn.Module):
         if position_ids is not None:
             batch["position_ids"] = position_ids
         self._hidden = None
+        aux_on = self._aux is not None and loss_scale is not None and self.training and torch.is_grad_enabled()
+        if self._aux is not None:
+            self._aux.reset()
+            self._aux.enabled = aux_on
         out = causal_lm_loss(self.model, batch, self.num_domains, return_token_loss=self.return_token_loss,
                              reduction="mean" if loss_scale is None else "sum")
         loss = out.loss if loss_scale is None else out.loss * loss_scale
         res = {"loss": loss, "group_loss": out.group_loss, "group_count": out.group_count}
+        if aux_on:
+            aux = self._aux.loss(attention_mask)
+            res["loss"] = loss + self.router_aux_loss * aux.to(loss.dtype)
+            res["router_aux_loss"] = aux.detach()
         if out.token_loss is not None:
             res["token_loss"] = out.token_loss
         if self._hidden is not None:

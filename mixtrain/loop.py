@@ -285,7 +285,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     # ---- model + DeepSpeed ------------------------------------------------------------------
     model = build_model(cfg, tok.vocab_size)
     policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
-    wrapper = LossModel(model, len(names), zero_stage=t.zero_stage)
+    wrapper = LossModel(model, len(names), zero_stage=t.zero_stage, router_aux_loss=t.router_aux_loss)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
     collector = None
@@ -458,6 +458,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     win_loss = np.zeros(len(names))
     win_count = np.zeros(len(names), dtype=np.int64)
     win_time, win_policy_time, win_steps = 0.0, 0.0, 0
+    win_aux, win_micro = 0.0, 0  # load-balancing loss of this rank's micro-batches (router_aux_loss > 0)
     last_dev: np.ndarray | None = None
     stopped = False
     if step == 0 and cfg.eval.at_start:  # the starting model's scores, as a step-0 record
@@ -489,6 +490,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
             router = router_counts(batch) if collector is not None else None
             engine.backward(res["loss"])
             engine.step()
+            if "router_aux_loss" in res:
+                win_aux, win_micro = win_aux + float(res["router_aux_loss"]), win_micro + 1
             bus.add_micro(batch, LossOutput(res["loss"], res["group_loss"], res["group_count"],
                                             res.get("token_loss")), hidden=res.get("hidden"), router=router)
         step += 1
@@ -547,6 +550,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
                 "policy_time": win_policy_time / win_steps,
                 "policy_time_pct": 100.0 * win_policy_time / max(win_time, 1e-12),
             }
+            if win_micro:
+                rec["router_aux_loss"] = win_aux / win_micro
             if do_eval and dev_now is not None:
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
             if do_acc:
@@ -563,6 +568,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
             win_loss[:] = 0
             win_count[:] = 0
             win_time, win_policy_time, win_steps = 0.0, 0.0, 0
+            win_aux, win_micro = 0.0, 0
         if bar is not None:
             bar.update(1)
         if (t.save_every and step % t.save_every == 0) or is_last:

@@ -248,3 +248,75 @@ def test_bench_router_stats_smoke(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "router_stats [cxx]" in out or "router_stats [reference]" in out
     assert "forward + collector hooks" in out
+
+
+# ==== RouterAuxLoss (load-balancing loss with gradients) ================================
+
+
+def _router_params(model):
+    return [p for n, p in model.named_parameters() if n.endswith("gate.weight") and "shared_expert" not in n]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_aux_loss_matches_transformers_aux_loss_and_its_gradient(name):
+    """Value and router gradients equal transformers' ``outputs.aux_loss`` of the same forward
+    (``output_router_logits=True`` with the padded attention mask)."""
+    torch.manual_seed(4)
+    model = MODELS[name]().train()
+    ids, am = _batch(3, 7, 8)
+    aux = mixkernels.hf.RouterAuxLoss(model)
+    assert aux.top_k == model.config.num_experts_per_tok
+    out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
+    got = aux.loss(attention_mask=am)
+    torch.testing.assert_close(got, out.aux_loss.float(), rtol=1e-5, atol=1e-6)
+    params = _router_params(model)
+    assert len(params) == len(aux.router_names)
+    want_grad = torch.autograd.grad(out.aux_loss, params, retain_graph=True)
+    got_grad = torch.autograd.grad(got, params)
+    assert any(g.abs().sum() > 0 for g in got_grad)
+    for g, w in zip(got_grad, want_grad):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    aux.remove()
+
+
+def test_aux_loss_pools_forwards_and_skips_paused_and_recomputed_calls():
+    torch.manual_seed(5)
+    model = tiny_mixtral().train()
+    (ids1, am1), (ids2, am2) = _batch(2, 6, 9), _batch(3, 6, 10)
+    # two forwards pooled = one forward over the concatenated batch
+    aux = mixkernels.hf.RouterAuxLoss(model)
+    model(input_ids=ids1, attention_mask=am1)
+    model(input_ids=ids2, attention_mask=am2)
+    pooled = aux.loss(attention_mask=torch.cat([am1, am2]))
+    model(input_ids=torch.cat([ids1, ids2]), attention_mask=torch.cat([am1, am2]))
+    torch.testing.assert_close(pooled, aux.loss(attention_mask=torch.cat([am1, am2])), rtol=1e-5, atol=1e-6)
+    # enabled=False: nothing recorded
+    aux.enabled = False
+    model(input_ids=ids1, attention_mask=am1)
+    with pytest.raises(RuntimeError, match=r"RouterAuxLoss.loss\(\): no router call recorded"):
+        aux.loss()
+    aux.enabled = True
+    # activation-checkpoint recomputation during backward is not recorded twice
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = model(input_ids=ids1, attention_mask=am1, output_router_logits=True)
+    (out.logits.sum() + aux.loss(attention_mask=am1)).backward()
+    assert not any(aux._logits)
+    torch.testing.assert_close(
+        mixkernels.load_balancing_loss(out.router_logits, top_k=2, attention_mask=am1), out.aux_loss.float())
+    aux.remove()
+    model(input_ids=ids1)
+    assert not any(aux._logits)  # hooks removed
+
+
+def test_aux_loss_errors():
+    model = tiny_mixtral().train()
+    aux = mixkernels.hf.RouterAuxLoss(model)
+    ids, am = _batch(2, 5, 11)
+    model(input_ids=ids, attention_mask=am)
+    with pytest.raises(ValueError, match=r"RouterAuxLoss.loss\(\): attention_mask has shape \(3, 5\) but the routers "
+                                         r"saw N = 10 tokens"):
+        aux.loss(attention_mask=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="found no MoE router"):
+        mixkernels.hf.RouterAuxLoss(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="top_k must be an int >= 1, got 0"):
+        mixkernels.hf.RouterAuxLoss(model, top_k=0)
