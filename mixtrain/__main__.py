@@ -2,7 +2,8 @@
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
 compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] | verify OUTPUT_DIR | policies |
-upcycle MODEL --experts E --top-k K --out DIR}``.
+upcycle MODEL --experts E --top-k K --out DIR |
+router-stats CONFIG.yaml [--rows N] [--layers all|last|I,J] [--out FILE] [k=v ...]}``.
 
 Exit codes: 0 done; 1 a run or a check failed (``verify`` found a bad file, a checkpoint or an
 export could not be written); 2 bad config or data (the message names the key or the file and
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=None, help="expert output scale (default: experts)")
     p.add_argument("--gap-rows", type=int, default=8, help="dev rows per built-in domain for the step-0 loss gap")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = sub.add_parser("router-stats", help="how an MoE model routes each domain: expert load per layer and domain")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+    p.add_argument("--rows", type=int, default=16, help="dev rows per domain (default 16)")
+    p.add_argument("--layers", default="all", help="MoE layers: all, last, or comma-separated indices (default all)")
+    p.add_argument("--out", default=None, help="JSON file (default <output_dir>/router_stats.json)")
     p = sub.add_parser("verify", help="check every checkpoint and the exported model against their manifests")
     p.add_argument("output_dir")
     sub.add_parser("policies", help="list the mixing policies: name, description, parameters with defaults")
@@ -125,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "verify":
             return _verify(args.output_dir)
+        if args.cmd == "router-stats":
+            from .router_stats import format_routing, routing_report
+
+            layers = args.layers if args.layers in ("all", "last") else _int_list("--layers", args.layers)
+            rep = routing_report(load_config(args.config, args.overrides), rows=args.rows, layers=layers, out=args.out)
+            print(format_routing(rep))
+            print(f"written: {rep['path']}")
+            return 0
         if args.cmd == "policies":
             _print_policies()
             return 0
@@ -189,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    from .config import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag}: got {text!r}, expected all, last or comma-separated integers") from None
 
 
 def _verify(output_dir: str) -> int:
