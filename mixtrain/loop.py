@@ -43,7 +43,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_fingerprint
-from .data import collate_examples, encode_domains, load_domains, load_tokenizer
+from .data import collate_examples, encode_config_domains
 from .engine import LossModel, build_engine, build_model, init_distributed
 from .faults import RankWatchdog, StopRequest, parse_duration
 from .policies import PolicyContext
@@ -263,11 +263,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     t = cfg.train
 
     # ---- data -----------------------------------------------------------------------------
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
-    domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
-                           builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
-    enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-                         packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
+    tok, enc = encode_config_domains(cfg)
     names = [d.name for d in enc]
     sizes = [d.size for d in enc]
     # label tokens per training row (after the causal shift): lets every rank compute the global

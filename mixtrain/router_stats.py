@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .config import Config, ConfigError
-from .data import collate_examples, encode_domains, load_domains, load_tokenizer
+from .data import collate_examples, encode_config_domains
 from .engine import build_model
 from .policies.dynamic_moe import distances
 
@@ -43,11 +43,7 @@ def routing_report(cfg: Config, *, rows: int = 16, layers: str | Sequence[int] =
         raise ConfigError(f"router-stats --rows: got {rows!r}, expected an integer >= 1")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
-    domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
-                           builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
-    enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-                         packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
+    tok, enc = encode_config_domains(cfg)
     names = [d.name for d in enc]
     missing = [d.name for d in enc if not d.dev]
     if missing:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .data import collate_examples, encode_domains, load_domains, load_tokenizer
+from .data import collate_examples, encode_config_domains
 from .engine import build_model
 from .sampler import MixtureSampler
 from .signals import causal_lm_loss, dev_losses
@@ -112,11 +112,7 @@ def learn_graph(cfg: Config, *, steps: int = 10, mode: str = "binary", out: str 
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
-    domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
-                           builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
-    enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-                         packing=cfg.data.packing, max_dev_examples=cfg.data.max_dev_examples)
+    tok, enc = encode_config_domains(cfg)
     names = [e.name for e in enc]
     d = len(names)
     if d < 2:

@@ -70,14 +70,10 @@ def load_task_data(cfg: Config, g: GradexConfig) -> TaskData:
     Raises:
         ConfigError: unknown task/target name, a task with no examples, a target without dev data.
     """
-    from ..data import encode_domains, load_domains, load_tokenizer
+    from ..data import encode_config_domains
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
-    domains = load_domains(cfg.data.builtin, cfg.data.domains, dev_fraction=cfg.data.dev_fraction,
-                           builtin_size=cfg.data.builtin_size, builtin_seed=cfg.data.builtin_seed)
-    enc = encode_domains(domains, tok, max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-                         packing=False,  # GradEx's unit is the example: one gradient per example, never a packed row
-                         max_dev_examples=cfg.data.max_dev_examples)
+    # GradEx's unit is the example: one gradient per example, never a packed row
+    tok, enc = encode_config_domains(cfg, packing=False)
     order = [d.name for d in enc]
     by_name = {d.name: (i, d) for i, d in enumerate(enc)}
     tasks = list(g.tasks) if g.tasks else order
