@@ -13,17 +13,23 @@ from mixtrain.faults import RankWatchdog, StopRequest
 
 
 def test_first_signal_is_recorded_second_one_acts():
+    # Python's own SIGINT handler, whatever this process inherited (a shell starts background
+    # jobs with SIGINT ignored, and Python then keeps it ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGTERM)
-    with StopRequest() as stop:
-        assert not stop.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
-        assert stop.requested and stop.signal == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):  # a second signal restores the defaults and acts
-            os.kill(os.getpid(), signal.SIGINT)
+    try:
+        with StopRequest() as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGTERM) == before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested and stop.signal == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):  # a second signal restores the defaults and acts
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGTERM) == before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_after_an_honoured_stop_further_signals_are_ignored():
