@@ -352,15 +352,24 @@ class RouterAuxLoss:
 
     Each hooked router's logits of the forwards since the last ``loss()`` / ``reset()`` are kept
     *with* their autograd graph (unlike :class:`RouterStatsCollector`); ``loss()`` concatenates
-    them per layer and returns ``mixkernels.load_balancing_loss`` over them, transformers'
-    ``load_balancing_loss_func`` (Switch / Mixtral), layers pooled as transformers pools them.
+    them per layer and returns the Switch / Mixtral load-balancing loss ``E * sum_e f_e * P_e``
+    over them (f: fraction of top-k picks, P: mean routing probability):
+
+    * ``per_layer=True`` (default): the mean over layers of each layer's own loss, as Switch,
+      GShard, Megatron-LM and DeepSpeed-MoE apply it; every layer is pushed to balance.
+    * ``per_layer=False``: transformers' ``load_balancing_loss_func`` (what Mixtral / Qwen-MoE
+      models add with ``output_router_logits=True``): picks and probabilities are pooled over the
+      layers first, so layers collapsed onto *different* experts look balanced (minimum k).
+
     Router calls made while autograd runs a backward (activation-checkpoint recomputation) are
     ignored. ``enabled = False`` pauses collection (e.g. for evaluation forwards).
     """
 
-    def __init__(self, model: nn.Module, top_k: int | None = None, *, router_names: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, top_k: int | None = None, *, per_layer: bool = True,
+                 router_names: Sequence[str] | None = None) -> None:
         routers = _find_routers(model, router_names)
         self.top_k = _resolve_top_k(model, routers, top_k)
+        self.per_layer = per_layer
         self.router_names = [name for name, _ in routers]
         self.enabled = True
         self._logits: list[list[torch.Tensor]] = [[] for _ in routers]
@@ -385,7 +394,8 @@ class RouterAuxLoss:
         self.reset()
 
     def loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar float32 load-balancing loss of the forwards since the last call, then reset.
+        """Scalar float32 load-balancing loss of the forwards since the last call (per layer or
+        pooled, see the class docstring), then reset.
 
         ``attention_mask``: None (every routed token counts) or a tensor with one entry per
         routed token in call order ([B, S] for a single forward); non-zero = real token."""
@@ -403,4 +413,5 @@ class RouterAuxLoss:
                     f"N = {layers[0].shape[0]} tokens; expected one entry per routed token"
                 )
             mask = attention_mask.reshape(-1).to(device=layers[0].device) != 0
-        return router_stats(layers, self.top_k, mask=mask).load_balancing_loss()
+        stats = router_stats(layers, self.top_k, mask=mask)
+        return stats.aux_loss.mean() if self.per_layer else stats.load_balancing_loss()

@@ -142,7 +142,9 @@ class TrainConfig:
     the others exit (see :mod:`mixtrain.faults`). ``router_aux_loss``: coefficient of the MoE
     load-balancing loss (Switch / Mixtral, ``mixkernels.hf.RouterAuxLoss``) added to every
     training micro-batch's loss; 0 (default) trains on the token loss alone. Mixtral uses 0.02,
-    Switch 0.01; an MoE model needs one to be found.
+    Switch and LLaMA-MoE 0.01; an MoE model needs one to be found. ``router_aux_per_layer``
+    (default true): the mean of every MoE layer's own loss (Switch, Megatron-LM); false:
+    transformers' loss, pooled over layers, under which each layer may still collapse.
     """
 
     steps: int = 100
@@ -171,6 +173,7 @@ class TrainConfig:
     time_limit: str | None = None
     dist_timeout: float = 300.0
     router_aux_loss: float = 0.0
+    router_aux_per_layer: bool = True
 
 
 @dataclass
@@ -574,7 +577,8 @@ def config_fingerprint(cfg: Config) -> str:
               "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum",
               "time_limit", "dist_timeout"):
         d["train"].pop(k, None)
-    if not d["train"].get("router_aux_loss"):
-        d["train"].pop("router_aux_loss", None)  # off: checkpoints written before the option stay resumable
+    if not d["train"].get("router_aux_loss"):  # off: checkpoints written before the option stay resumable
+        d["train"].pop("router_aux_loss", None)
+        d["train"].pop("router_aux_per_layer", None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

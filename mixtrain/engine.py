@@ -218,7 +218,8 @@ class LossModel(torch.nn.Module):
     ``group_loss`` [D], ``group_count`` [D] and optionally ``token_loss`` / ``hidden``. Packed
     batches also pass ``position_ids`` (attention then stays within each example).
     ``router_aux_loss`` > 0 (an MoE model): training forwards with a ``loss_scale`` add that
-    coefficient times the micro-batch's load-balancing loss (pads excluded) to ``loss`` and
+    coefficient times the micro-batch's load-balancing loss (pads excluded; per layer or pooled
+    over layers by ``router_aux_per_layer``, see ``mixkernels.hf.RouterAuxLoss``) to ``loss`` and
     report the unweighted term as ``router_aux_loss``; DeepSpeed's mean over micro-batches and
     ranks then makes it the mean over the global batch's micro-batches, as in transformers.
     Wrapping (instead of calling the engine on the HF model) keeps every parameter access inside
@@ -226,7 +227,7 @@ class LossModel(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, num_domains: int, zero_stage: int = 0,
-                 router_aux_loss: float = 0.0) -> None:
+                 router_aux_loss: float = 0.0, router_aux_per_layer: bool = True) -> None:
         super().__init__()
         self.model = model
         self.num_domains = num_domains
@@ -236,7 +237,7 @@ class LossModel(torch.nn.Module):
             from mixkernels.hf import RouterAuxLoss
 
             try:
-                self._aux = RouterAuxLoss(model)
+                self._aux = RouterAuxLoss(model, per_layer=router_aux_per_layer)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"train.router_aux_loss={router_aux_loss} needs an MoE model whose routers "
                                   f"mixkernels can hook: {e}") from e

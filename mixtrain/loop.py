@@ -281,7 +281,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     # ---- model + DeepSpeed ------------------------------------------------------------------
     model = build_model(cfg, tok.vocab_size)
     policy.prepare_model(model)  # before the optimizer sees requires_grad (e.g. frozen routers)
-    wrapper = LossModel(model, len(names), zero_stage=t.zero_stage, router_aux_loss=t.router_aux_loss)
+    wrapper = LossModel(model, len(names), zero_stage=t.zero_stage, router_aux_loss=t.router_aux_loss,
+                        router_aux_per_layer=t.router_aux_per_layer)
     wrapper.return_token_loss = bus.wants_token_loss
     wrapper.capture_hidden = bus.wants_hidden
     collector = None

@@ -257,26 +257,64 @@ def _router_params(model):
     return [p for n, p in model.named_parameters() if n.endswith("gate.weight") and "shared_expert" not in n]
 
 
+def _hf_per_layer(model, router_logits, am):
+    """Mean over layers of transformers' load_balancing_loss_func applied to each layer alone."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    k, e = model.config.num_experts_per_tok, router_logits[0].shape[-1]
+    return torch.stack([load_balancing_loss_func((z,), e, k, am) for z in router_logits]).mean()
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_aux_loss_matches_transformers_aux_loss_and_its_gradient(name):
-    """Value and router gradients equal transformers' ``outputs.aux_loss`` of the same forward
-    (``output_router_logits=True`` with the padded attention mask)."""
+def test_aux_loss_matches_transformers_aux_loss_and_its_gradient(name, per_layer):
+    """Pooled: value and router gradients equal transformers' ``outputs.aux_loss`` of the same
+    forward (``output_router_logits=True`` with the padded attention mask); per layer: the mean of
+    transformers' function applied to each layer's logits alone."""
     torch.manual_seed(4)
     model = MODELS[name]().train()
     ids, am = _batch(3, 7, 8)
-    aux = mixkernels.hf.RouterAuxLoss(model)
+    aux = mixkernels.hf.RouterAuxLoss(model, per_layer=per_layer)
     assert aux.top_k == model.config.num_experts_per_tok
     out = model(input_ids=ids, attention_mask=am, output_router_logits=True)
     got = aux.loss(attention_mask=am)
-    torch.testing.assert_close(got, out.aux_loss.float(), rtol=1e-5, atol=1e-6)
+    want = _hf_per_layer(model, out.router_logits, am) if per_layer else out.aux_loss
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
     params = _router_params(model)
     assert len(params) == len(aux.router_names)
-    want_grad = torch.autograd.grad(out.aux_loss, params, retain_graph=True)
+    want_grad = torch.autograd.grad(want, params, retain_graph=True)
     got_grad = torch.autograd.grad(got, params)
     assert any(g.abs().sum() > 0 for g in got_grad)
     for g, w in zip(got_grad, want_grad):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
     aux.remove()
+
+
+class _TwoRouterMoE(nn.Module):
+    """Two bias-only routers (E = 4): r0 always prefers experts {0, 1}, r1 always {2, 3}."""
+
+    def __init__(self, big: float = 30.0):
+        super().__init__()
+        self.r0, self.r1 = nn.Linear(4, 4), nn.Linear(4, 4)
+        with torch.no_grad():
+            for r, bias in ((self.r0, [big, big, -big, -big]), (self.r1, [-big, -big, big, big])):
+                r.weight.zero_()
+                r.bias.copy_(torch.tensor(bias))
+
+    def forward(self, x):
+        return self.r0(x).sum() + self.r1(x).sum()
+
+
+@pytest.mark.parametrize(("per_layer", "want"), [(True, 4.0), (False, 2.0)])
+def test_aux_loss_per_layer_sees_a_collapse_that_pooling_hides(per_layer, want):
+    """Hand case: layer 0 sends every token to experts {0, 1}, layer 1 to {2, 3} (E = 4, k = 2,
+    probability 1/2 on each of the pair). Pooled over layers every expert has f = 1/2 and
+    P = 1/4: E * sum f P = 4 * 4 * 1/8 = 2 = k, the balanced minimum. Per layer f = (1, 1, 0, 0),
+    P = (1/2, 1/2, 0, 0): 4 * (1/2 + 1/2) = 4 for each layer, and their mean is 4."""
+    model = _TwoRouterMoE()
+    aux = mixkernels.hf.RouterAuxLoss(model, top_k=2, router_names=["r0", "r1"], per_layer=per_layer)
+    model(torch.zeros(5, 4))
+    torch.testing.assert_close(aux.loss(), torch.tensor(want))
 
 
 def test_aux_loss_pools_forwards_and_skips_paused_and_recomputed_calls():

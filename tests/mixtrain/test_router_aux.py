@@ -33,24 +33,33 @@ def _batch(vocab: int):
     return {"input_ids": ids, "attention_mask": am, "labels": labels, "domain_ids": torch.tensor([0, 1, 1])}
 
 
-def test_loss_model_adds_the_weighted_aux_loss_like_transformers():
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_loss_model_adds_the_weighted_aux_loss_like_transformers(per_layer):
+    """Pooled: transformers' own loss; per layer: its token loss plus the coefficient times the
+    mean over layers of ``load_balancing_loss_func`` applied to each layer alone."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     from mixtrain.engine import LossModel
 
     torch.manual_seed(0)
     cfg = dict(MIXTRAL)
     cfg.pop("model_type")
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(vocab_size=61, router_aux_loss_coef=COEF, **cfg))
-    wrapper = LossModel(model, 2, router_aux_loss=COEF).train()
+    wrapper = LossModel(model, 2, router_aux_loss=COEF, router_aux_per_layer=per_layer).train()
     b = _batch(61)
     n = int((b["labels"][:, 1:] != -100).sum())
 
     res = wrapper(**b, loss_scale=1.0 / n)
     got_grads = torch.autograd.grad(res["loss"], list(model.parameters()), allow_unused=True)
-    want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                 output_router_logits=True)
-    want_grads = torch.autograd.grad(want.loss, list(model.parameters()), allow_unused=True)
-    torch.testing.assert_close(res["loss"], want.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(res["router_aux_loss"], want.aux_loss.float().detach(), rtol=1e-5, atol=1e-6)
+    hf = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+               output_router_logits=True)
+    want, want_aux = hf.loss, hf.aux_loss
+    if per_layer:
+        want_aux = torch.stack([load_balancing_loss_func((z,), 4, 2, b["attention_mask"]) for z in hf.router_logits]).mean()
+        want = hf.loss - COEF * hf.aux_loss + COEF * want_aux
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(res["loss"], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res["router_aux_loss"], want_aux.float().detach(), rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         if w is None:
             assert g is None or g.abs().sum() == 0
@@ -120,5 +129,8 @@ def test_fingerprint_unchanged_while_the_option_is_off():
 
     raw = {"model": {"config": dict(MIXTRAL)}, "data": {"builtin": ["math"]}}
     assert config_fingerprint(from_dict(raw)) == "484ad8cee12b07ab"
-    assert config_fingerprint(from_dict({**raw, "train": {"router_aux_loss": 0.0}})) == "484ad8cee12b07ab"
-    assert config_fingerprint(from_dict({**raw, "train": {"router_aux_loss": 0.02}})) != "484ad8cee12b07ab"
+    off = {"router_aux_loss": 0.0, "router_aux_per_layer": False}
+    assert config_fingerprint(from_dict({**raw, "train": off})) == "484ad8cee12b07ab"
+    on = config_fingerprint(from_dict({**raw, "train": {"router_aux_loss": 0.02}}))
+    assert on != "484ad8cee12b07ab"
+    assert config_fingerprint(from_dict({**raw, "train": {"router_aux_loss": 0.02, "router_aux_per_layer": False}})) != on
