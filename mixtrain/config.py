@@ -141,10 +141,11 @@ class TrainConfig:
     seconds a collective waits for the other ranks; a rank silent for half of it is named and
     the others exit (see :mod:`mixtrain.faults`). ``router_aux_loss``: coefficient of the MoE
     load-balancing loss (Switch / Mixtral, ``mixkernels.hf.RouterAuxLoss``) added to every
-    training micro-batch's loss; 0 (default) trains on the token loss alone. Mixtral uses 0.02,
-    Switch and LLaMA-MoE 0.01; an MoE model needs one to be found. ``router_aux_per_layer``
-    (default true): the mean of every MoE layer's own loss (Switch, Megatron-LM); false:
-    transformers' loss, pooled over layers, under which each layer may still collapse.
+    training micro-batch's loss; 0 (default) trains on the token loss alone; an MoE model needs
+    routers to be found. ``router_aux_per_layer`` (default true): the mean of every MoE layer's
+    own loss (Switch, Megatron-LM); false: transformers' loss, pooled over layers (Mixtral's
+    coefficient 0.02), under which each layer may still collapse. Both are on transformers'
+    scale (about top-k when balanced), so Switch's 0.01 per layer is 0.01 x the MoE layer count.
     """
 
     steps: int = 100
