@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -106,3 +107,14 @@ def test_router_stats_cli_last_layer_and_errors(tmp_path):
         "num_attention_heads": 4, "num_key_value_heads": 2})))
     r = cli(str(dense))
     assert r.returncode == 2 and "router-stats: model 'llama' has no MoE routers mixkernels can hook" in r.stderr
+
+
+def test_routing_report_needs_dev_rows(tmp_path):
+    from mixtrain.config import ConfigError, from_dict
+    from mixtrain.router_stats import routing_report
+
+    raw = _raw(tmp_path / "run")
+    raw["data"]["dev_fraction"] = 0.0
+    with pytest.raises(ConfigError, match=r"router-stats: domain\(s\) \['math', 'lego_1', 'addition_1'\] have no dev "
+                                          r"rows; set data.dev_fraction > 0"):
+        routing_report(from_dict(raw))
