@@ -21,21 +21,34 @@ from .ops.linear_ce import CrossEntropyOutput, linear_cross_entropy
 #
 # How the fused loss reaches the model's last hidden states, for any architecture: the model's own
 # forward runs with ``labels=None`` while its LM head (an ``nn.Linear``) is swapped for a stub that
-# records its input and returns empty logits [B, T, 0] (cheap, and any elementwise post-processing
-# the forward applies to them is a no-op). The fused loss is then computed by calling the head
-# module again, with its forward swapped for ``linear_cross_entropy``: going through the module's
-# ``__call__`` keeps every framework hook working (DeepSpeed ZeRO-3 gathers the partitioned weight
-# for the call and again for its backward; FSDP2 unshards it), exactly as for the ordinary head.
+# records its input and returns tiny probe logits [B, T, 5] with known values instead of [B, T, V].
+# Whatever the forward does to its logits it does to the probe, which is then checked against the
+# transform the fused op will apply (scale / softcap read from the config): an architecture that
+# post-processes its logits in any other way is refused, never silently different. The fused loss
+# is then computed by calling the head module again, with its forward swapped for
+# ``linear_cross_entropy``: going through the module's ``__call__`` keeps every framework hook
+# working (DeepSpeed ZeRO-3 gathers the partitioned weight for the call and again for its backward;
+# FSDP2 unshards it), exactly as for the ordinary head.
 #
-# Architectures whose forward transforms the logits (softcapping, scaling) are supported when the
-# transform is read from the config and the op has the matching option; otherwise, and for known
-# non-standard heads or losses, a NotImplementedError names the reason (docs/hf_zoo.md lists them).
+# Also refused, each with one NotImplementedError / TypeError naming the reason: a head that is not a
+# plain nn.Linear, a head whose width is not config.vocab_size, and a forward that computes its loss
+# itself instead of with transformers' shifted ForCausalLM loss (docs/hf_zoo.md lists them all).
 
 _LCE_KWARGS = frozenset({"ignore_index", "label_smoothing", "reduction", "return_token_loss", "chunk_size"})
 
 # model_type -> why the fused loss would differ from the model's own ``labels=`` loss, for
 # architectures whose config does not reveal it (found by tests/test_hf_zoo.py).
 _REFUSED_MODEL_TYPES: dict[str, str] = {}
+
+
+# model_types whose forward multiplies (not divides) the logits by config.logits_scaling
+_MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
+
+# What the recording head returns instead of logits: a few known values per position. Whatever the
+# forward then does to the logits, it does to these; the result must be what the fused op applies
+# (the config's scale / softcap), else the architecture is refused. Catches transforms no config
+# attribute announces, and shape changes (vocabulary slicing, masking of token ids).
+_PROBE = (-3.0, -0.5, 0.25, 2.0, 9.0)
 
 
 def _op_options() -> frozenset[str]:
@@ -65,9 +78,13 @@ def _text_config(model: torch.nn.Module) -> Any:
 
 
 def _logit_transform(model: torch.nn.Module, who: str) -> _LogitTransform:
-    """The logit transform the model's forward applies after its LM head, from its config; raises
-    NotImplementedError (naming the config attribute) when the fused op cannot apply it."""
-    configs = [c for c in (getattr(model, "config", None), _text_config(model)) if c is not None]
+    """The logit transform the model's config announces (scale, then softcap); raises
+    NotImplementedError (naming the config attribute) when the fused op has no such option.
+
+    Which part the forward really applies is settled by the probe (:func:`_probe_transform`):
+    some forwards ignore an attribute their config carries (MPT's ``logit_scale``, the multimodal
+    Gemma 3's softcap)."""
+    configs = [c for c in (_text_config(model), getattr(model, "config", None)) if c is not None]
 
     def read(attr: str) -> Any:
         for c in configs:
@@ -78,22 +95,19 @@ def _logit_transform(model: torch.nn.Module, who: str) -> _LogitTransform:
 
     options = _op_options()
     scale, softcap, found = 1.0, None, []
-    value = read("final_logit_softcapping")
+    value = read("final_logit_softcapping")  # Gemma 2/3: z -> c tanh(z / c)
     if value is not None:
         softcap, found = float(value), [*found, ("final_logit_softcapping", value, "softcap")]
-    value = read("logit_scale")  # Cohere: logits * logit_scale
-    if value is not None and float(value) != 1.0:
-        scale, found = scale * float(value), [*found, ("logit_scale", value, "logit_scale")]
-    value = read("logits_scaling")  # Granite: logits / logits_scaling
-    if value is not None and float(value) != 1.0:
-        scale, found = scale / float(value), [*found, ("logits_scaling", value, "logit_scale")]
-    for attr in ("output_mult", "lm_head_multiplier"):
+    # multipliers: Cohere logit_scale, Falcon-H1 lm_head_multiplier, output_multiplier
+    for attr in ("logit_scale", "lm_head_multiplier", "output_multiplier", "output_mult"):
         value = read(attr)
-        if value is not None and float(value) != 1.0:
-            raise NotImplementedError(
-                f"{who}: config.{attr}={value!r} rescales the logits after the LM head in a way mixkernels does not "
-                "reproduce; the fused loss would differ from the model's own loss"
-            )
+        if isinstance(value, (int, float)) and float(value) != 1.0:
+            scale, found = scale * float(value), [*found, (attr, value, "logit_scale")]
+    value = read("logits_scaling")  # Granite, MiniCPM: logits / logits_scaling; HyperCLOVA X: logits * it
+    if isinstance(value, (int, float)) and float(value) != 1.0:
+        multiplies = getattr(_text_config(model), "model_type", None) in _MULTIPLYING_LOGITS_SCALING
+        scale = scale * float(value) if multiplies else scale / float(value)
+        found = [*found, ("logits_scaling", value, "logit_scale")]
     for attr, value, option in found:
         if option not in options:
             raise NotImplementedError(
@@ -101,6 +115,22 @@ def _logit_transform(model: torch.nn.Module, who: str) -> _LogitTransform:
                 f"linear_cross_entropy has no {option!r} option; the fused loss would differ from the model's own loss"
             )
     return _LogitTransform(scale, softcap)
+
+
+def _apply_transform(z: torch.Tensor, t: _LogitTransform) -> torch.Tensor:
+    z = z * t.logit_scale
+    return z if t.softcap is None else t.softcap * torch.tanh(z / t.softcap)
+
+
+def _probe_transform(got: torch.Tensor, announced: _LogitTransform, low_precision: bool) -> _LogitTransform | None:
+    """The transform (among the announced one and its parts) that maps the probe to ``got``, or None."""
+    probe = torch.tensor(_PROBE, dtype=torch.float64)
+    candidates = [announced, _LogitTransform(announced.logit_scale, None), _LogitTransform(1.0, announced.softcap),
+                  _LogitTransform()]
+    for t in candidates:
+        if torch.allclose(got, _apply_transform(probe, t), rtol=1e-2 if low_precision else 1e-5, atol=1e-6):
+            return t
+    return None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -134,6 +164,18 @@ def _check_model(model: torch.nn.Module, who: str) -> tuple[torch.nn.Linear, _Lo
         from transformers.loss.loss_utils import LOSS_MAPPING
     except ImportError:  # pragma: no cover - transformers without the loss registry
         LOSS_MAPPING = None
+    vocab = getattr(_text_config(inner), "vocab_size", None)
+    if isinstance(vocab, int) and head.out_features != vocab:
+        raise NotImplementedError(
+            f"{who}: the LM head of {type(inner).__name__} has {head.out_features} outputs but config.vocab_size="
+            f"{vocab}; the model's loss uses vocab_size classes, the fused loss would use {head.out_features}"
+        )
+    if not _uses_loss_function(type(inner)):
+        raise NotImplementedError(
+            f"{who}: {type(inner).__name__}.forward computes its loss itself (not with transformers' "
+            "self.loss_function, the shifted ForCausalLM cross-entropy; e.g. labels already aligned with the "
+            "positions, no next-token shift); the fused loss would differ"
+        )
     loss_fn = getattr(type(inner), "loss_function", None)
     if LOSS_MAPPING is not None and isinstance(loss_fn, property):
         try:
@@ -147,6 +189,17 @@ def _check_model(model: torch.nn.Module, who: str) -> tuple[torch.nn.Linear, _Lo
                 f"{loss_type!r}), not the standard shifted cross-entropy ForCausalLM; not supported by the fused loss"
             )
     return head, transform
+
+
+@functools.cache
+def _uses_loss_function(cls: type) -> bool:
+    """Whether ``cls.forward`` computes its labels loss with ``self.loss_function`` (transformers'
+    loss registry: the shifted cross-entropy for causal LMs), read from its source."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.loss_function(" in source
 
 
 class _Recorder:
@@ -169,14 +222,18 @@ def _swapped_forward(module: torch.nn.Module, fn: Any) -> Iterator[None]:
             del module.forward
 
 
-def _run_recording_head(call: Any, head: torch.nn.Linear, who: str, model: torch.nn.Module) -> tuple[Any, torch.Tensor]:
-    """Run ``call()`` (the model's forward without labels) with the head recording its input; return
-    (model outputs, the head's input [B, T, d])."""
+def _run_recording_head(
+    call: Any, head: torch.nn.Linear, who: str, model: torch.nn.Module, transform: _LogitTransform
+) -> tuple[Any, torch.Tensor, _LogitTransform]:
+    """Run ``call()`` (the model's forward without labels) with the head recording its input and
+    returning probe logits; return (model outputs, the head's input [B, T, d], the logit transform
+    the forward applied to the probe: ``transform`` or a part of it), or raise if it matches none."""
     rec = _Recorder()
 
     def record(x: torch.Tensor) -> torch.Tensor:
         rec.inputs.append(x)
-        return x.new_empty((*x.shape[:-1], 0))
+        probe = torch.tensor(_PROBE, dtype=torch.float32, device=x.device).to(head.weight.dtype)
+        return probe.expand(*x.shape[:-1], len(_PROBE)).clone()
 
     with _swapped_forward(head, record):
         try:
@@ -188,12 +245,31 @@ def _run_recording_head(call: Any, head: torch.nn.Linear, who: str, model: torch
                 f"{who}: {type(_unwrap(model)).__name__}.forward post-processes the logits of its LM head "
                 f"({type(e).__name__}: {e}); not supported by the fused loss"
             ) from e
+    name = type(_unwrap(model)).__name__
     if len(rec.inputs) != 1:
         raise NotImplementedError(
-            f"{who}: {type(_unwrap(model)).__name__}.forward called its LM head {len(rec.inputs)} times "
-            "(expected once); not supported by the fused loss"
+            f"{who}: {name}.forward called its LM head {len(rec.inputs)} times (expected once); not supported by "
+            "the fused loss"
         )
-    return outputs, rec.inputs[0]
+    hidden = rec.inputs[0]
+    logits = getattr(outputs, "logits", None)
+    expected_shape = (*hidden.shape[:-1], len(_PROBE))
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected_shape:
+        raise NotImplementedError(
+            f"{who}: {name}.forward does not return its LM head's output as logits of shape [B, T, V] "
+            f"(got {tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__} for a "
+            f"head output of shape {expected_shape}); not supported by the fused loss"
+        )
+    got = logits.detach().reshape(-1, len(_PROBE))[0].double().cpu()
+    applied = _probe_transform(got, transform, logits.dtype in (torch.float16, torch.bfloat16))
+    if applied is None:
+        expected = [round(v, 4) for v in _apply_transform(torch.tensor(_PROBE, dtype=torch.float64), transform).tolist()]
+        raise NotImplementedError(
+            f"{who}: {name}.forward transforms the logits after the LM head in a way not described by its config "
+            f"(probe {list(_PROBE)} -> {[round(v, 4) for v in got.tolist()]}; its config announces {expected}); "
+            "not supported by the fused loss"
+        )
+    return outputs, hidden, applied
 
 
 def _fused_head_loss(
@@ -292,8 +368,8 @@ def causal_lm_loss(
         group_ids = _shift(group_ids, 0)
     kw.setdefault("use_cache", False)
     kw["return_dict"] = True
-    _, hidden = _run_recording_head(
-        lambda: model(input_ids=input_ids, attention_mask=attention_mask, **kw), head, who, model
+    _, hidden, transform = _run_recording_head(
+        lambda: model(input_ids=input_ids, attention_mask=attention_mask, **kw), head, who, model, transform
     )
     if tuple(hidden.shape[:-1]) != tuple(input_ids.shape):
         raise NotImplementedError(
@@ -413,7 +489,7 @@ def _patched_forward(
     return_dict = kwargs.pop("return_dict", None)
     head, transform = _check_model(model, who)
     kwargs["return_dict"] = True
-    outputs, hidden = _run_recording_head(lambda: original(*args, **kwargs), head, who, model)
+    outputs, hidden, transform = _run_recording_head(lambda: original(*args, **kwargs), head, who, model, transform)
     if shift_labels is not None:
         targets = shift_labels
     else:
