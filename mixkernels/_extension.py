@@ -2,7 +2,10 @@
 
 ``LOADED`` says whether it loaded; ``REASON`` says why not (shown by ``python -m mixkernels.info``
 and in the error of an explicitly requested ``cxx`` backend). A build for another torch, CUDA or
-C++ ABI is refused: loading it would crash or misbehave in ways far from the cause.
+C++ ABI is refused: loading it would crash or misbehave in ways far from the cause (an undefined
+symbol at import at best, wrong results at worst). In that case, and when importing ``_C`` fails,
+``import mixkernels`` emits one :class:`ExtensionWarning` naming both versions and the command that
+rebuilds, and every op runs on the reference (CPU) or Triton (CUDA) backend instead.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import importlib
 import importlib.util
 import json
 import logging
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,26 @@ from . import env
 
 logger = logging.getLogger("mixkernels")
 
-_REBUILD = "rebuild it with `make setup` (or `pip install --no-build-isolation -e .` in this environment)"
-BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILD_INFO_PATH = PACKAGE_DIR / "_build_info.json"
+
+
+class ExtensionWarning(RuntimeWarning):
+    """``mixkernels._C`` is present but cannot be used here; the ops fall back to other backends."""
+
+
+def rebuild_command() -> str:
+    """How to rebuild ``_C`` for the torch of this process: ``make setup`` in a source checkout
+    (an editable install), else a reinstall from source against the installed torch."""
+    if (PACKAGE_DIR.parent / "setup.py").is_file() and (PACKAGE_DIR.parent / "csrc").is_dir():
+        return (
+            f"rebuild it with `make setup` in {PACKAGE_DIR.parent} "
+            f"(or `{sys.executable} -m pip install --no-build-isolation -e .` there)"
+        )
+    return (
+        f"rebuild it against this torch with `{sys.executable} -m pip install --no-build-isolation "
+        "--no-deps --force-reinstall <mixkernels sdist or source folder>` (docs/install.md)"
+    )
 
 
 def read_build_info() -> dict[str, Any] | None:
@@ -45,32 +68,39 @@ def mismatch(info: dict[str, Any]) -> str | None:
     for key, what in (("torch_version", "torch"), ("cuda_version", "torch CUDA"), ("cxx11_abi", "C++11 ABI")):
         if info.get(key) != now[key]:
             return (
-                f"mixkernels._C was built for {what} {info.get(key)!r} but this process has {now[key]!r}: "
-                f"{_REBUILD}"
+                f"mixkernels._C was built for {what} {info.get(key)} but this process runs {what} {now[key]}: "
+                f"{rebuild_command()}"
             )
     return None
 
 
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[bool, str, bool]:
+    """(loaded, reason when not, whether the reason deserves a warning: a build that is there but
+    unusable, as opposed to one that was never made or was disabled on purpose)."""
     if env.disable_extension():
-        return False, "disabled by MIXKERNELS_DISABLE_EXT=1"
+        return False, "disabled by MIXKERNELS_DISABLE_EXT=1", False
     if importlib.util.find_spec("mixkernels._C") is None:
-        return False, f"mixkernels._C is not built: {_REBUILD}"
+        return False, f"mixkernels._C is not built: {rebuild_command()}", False
     info = read_build_info()
     if info is None:
-        return False, f"{BUILD_INFO_PATH.name} is missing or unreadable beside mixkernels._C: {_REBUILD}"
+        missing = f"{BUILD_INFO_PATH.name} is missing or unreadable beside mixkernels._C"
+        return False, f"{missing}: {rebuild_command()}", True
     problem = mismatch(info)
     if problem:
-        return False, problem
+        return False, problem, True
     try:
         importlib.import_module("mixkernels._C")
-    except ImportError as exc:  # e.g. undefined symbols after a torch upgrade
-        return False, f"importing mixkernels._C failed ({exc}): {_REBUILD}"
-    return True, ""
+    except ImportError as exc:  # e.g. undefined symbols, or a file that is not a loadable library
+        return False, f"importing mixkernels._C failed ({exc}): {rebuild_command()}", True
+    return True, "", False
 
 
-LOADED, REASON = _load()
-if not LOADED and "MIXKERNELS_DISABLE_EXT" not in REASON:
+_FALLBACK = "the ops run on the reference (CPU) / Triton (CUDA) backends instead"
+
+LOADED, REASON, _WARN = _load()
+if _WARN:
+    warnings.warn(f"{REASON}; until then {_FALLBACK}", ExtensionWarning, stacklevel=2)
+elif not LOADED and "MIXKERNELS_DISABLE_EXT" not in REASON:
     logger.warning("mixkernels: compiled kernels unavailable, using the PyTorch reference: %s", REASON)
 WITH_CUDA: bool = bool(LOADED and (read_build_info() or {}).get("with_cuda"))
 
