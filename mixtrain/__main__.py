@@ -2,7 +2,7 @@
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
 compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] | verify OUTPUT_DIR | policies |
-upcycle MODEL --experts E --top-k K --out DIR |
+upcycle MODEL --experts E --top-k K --out DIR | data {prepare CONFIG | list [CONFIG]} [k=v ...] |
 router-stats CONFIG.yaml [--rows N] [--layers all|last|I,J] [--out FILE] [k=v ...]}``.
 
 Exit codes: 0 done; 1 a run or a check failed (``verify`` found a bad file, a checkpoint or an
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from .engine import default_accelerator
 
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", nargs="?", choices=["list", "fetch", "path"], default="list")
     p.add_argument("names", nargs="*", help="model names or .gguf paths (fetch / path)")
     p.add_argument("--force", action="store_true", help="fetch: convert again even when cached")
+    p = sub.add_parser("data", help="the token cache: prepare (tokenise once) a config's domains, or list them")
+    p.add_argument("action", choices=["prepare", "list"])
+    p.add_argument("config", nargs="?", help="YAML config (prepare: required; list: default the demo's)")
+    p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
     p = sub.add_parser("skillit-graph", help="learn a Skill-It graph by short runs on {j} and {i, j}")
@@ -105,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "models":
             return _models(args)
+        if args.cmd == "data":
+            if args.action == "prepare" and not args.config:
+                raise ConfigError("data prepare: give a config file (python -m mixtrain data prepare CONFIG [k=v ...])")
+            cfg = load_config(args.config, args.overrides) if args.config else from_dict(
+                apply_overrides(demo_config(), args.overrides))
+            return _data(args.action, cfg)
         if args.cmd == "report":
             from .report import make_report
 
@@ -204,6 +215,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _data(action: str, cfg: Any) -> int:
+    """``data prepare``: build (or map) every domain's token cache, one line per domain;
+    ``data list``: the config's domains and whether their cache is built."""
+    import time
+
+    from .data import config_domain_specs, load_tokenizer, prepare_config_domains
+    from .data.cache import cache_folder
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path or "byte")
+    if action == "list":
+        for spec in config_domain_specs(cfg):
+            folder, ok = cache_folder(spec, tok, cfg.data)
+            print(f"{spec.name:<24} {spec.kind:<8} {'cached' if ok else 'not cached':<11} {folder}")
+        return 0
+    t0 = time.perf_counter()
+    doms = prepare_config_domains(cfg, tok, progress=True)
+    print(f"{'domain':<24} {'status':<8} {'rows':>9} {'tokens':>11} {'cut':>6} {'dev':>6} {'seconds':>8}  cache")
+    for d in doms:
+        st = d.stats()
+        secs = d.manifest.get("build_seconds", 0.0) if d.status != "cached" else d.manifest.get("seconds", 0.0)
+        print(f"{d.name:<24} {d.status:<8} {st['rows']:>9,} {st['tokens']:>11,} {st['truncated']:>6,} "
+              f"{st['dev_rows']:>6,} {secs:>8.2f}  {d.folder}")
+    built = sum(d.status != "cached" for d in doms)
+    print(f"{len(doms)} domains, {built} built, {len(doms) - built} cached; {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def _int_list(flag: str, text: str) -> list[int]:

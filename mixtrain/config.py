@@ -80,8 +80,9 @@ class DataConfig:
         builtin: names of built-in domains (``code``, ``docs``, ``math``, ``lego``, ``addition``);
             ``lego`` / ``addition`` expand to one sub-domain per skill (``lego_1`` …), and a single
             skill can be named directly.
-        domains: ``{name: path}`` (JSONL file, folder of JSONL files, or a ``save_to_disk`` HF
-            dataset folder); a value may also be ``{train: path, dev: path}``.
+        domains: ``{name: path}`` (``.jsonl``, ``.jsonl.gz``, ``.parquet`` or ``.arrow`` file, a folder
+            of them, or a Hugging Face ``save_to_disk`` folder); a value may also be ``{train: path,
+            dev: path, fields: {messages|prompt|response|text|role|content: your field name}}``.
         dev_fraction: held-out fraction per domain when no dev path is given (deterministic).
         max_length: truncate tokenised examples to this many tokens.
         train_on_prompt: also train on prompt tokens (default: response tokens only).
@@ -96,6 +97,9 @@ class DataConfig:
             per domain.
         max_epochs: epochs per domain under ``exhaustion: max_epochs``.
         max_dev_examples: cap of dev examples per domain used for dev losses.
+        cache_dir: where the token cache lives (default ``$MIXTRAIN_HOME/data``; see
+            :mod:`mixtrain.data.cache`).
+        num_workers: processes that build the token cache (default: every core).
     """
 
     builtin: list[str] = field(default_factory=list)
@@ -110,6 +114,8 @@ class DataConfig:
     exhaustion: str | dict[str, str] = "cycle"
     max_epochs: int = 1
     max_dev_examples: int = 64
+    cache_dir: str | None = None
+    num_workers: int | None = None
 
 
 @dataclass
@@ -574,6 +580,8 @@ def config_fingerprint(cfg: Config) -> str:
     d.pop("output_dir", None)
     d.pop("eval", None)  # evaluation settings never affect training
     d.pop("gradex", None)  # GradEx settings never change what a training checkpoint holds
+    d["data"].pop("cache_dir", None)  # where and how the token cache is built never changes the tokens
+    d["data"].pop("num_workers", None)
     for k in ("steps", "log_every", "save_every", "resume", "progress", "tensorboard", "threads",
               "keep_checkpoints", "save_model", "sort_by_length", "eval_every", "micro_batch_size", "grad_accum",
               "time_limit", "dist_timeout"):

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .data import EncodedDomain, collate
-from .data.collate import encode_domains, packed_attention_inputs
+from .data import EncodedDomain, collate, encode_domains, packed_attention_inputs
 from .data.sources import Domain
 from .policies import MixingPolicy, PolicyContext
 from .sampler import MixtureSampler, validate_weights
@@ -56,7 +55,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         Remaining arguments as in :class:`~mixtrain.sampler.MixtureSampler` / ``encode_domains``.
 
     Yields dicts with ``input_ids``, ``labels`` (lists) and ``domain_id`` (int), plus
-    ``position_ids`` (list) for packed domains.
+    ``position_ids`` (list) for packed domains. :meth:`from_config` reads a mixtrain config's
+    domains through the token cache instead.
     """
 
     def __init__(self, domains: Sequence[Domain | EncodedDomain], tokenizer: Any, *, global_batch_size: int,
@@ -85,10 +85,32 @@ class MixtureDataset(torch.utils.data.IterableDataset):
                 return
             for d, e in zip(gb.domains.tolist(), gb.examples.tolist()):
                 ids, labels = self.domains[d].train[e]
-                item: dict[str, Any] = {"input_ids": ids, "labels": labels, "domain_id": d}
+                item: dict[str, Any] = {"input_ids": list(map(int, ids)), "labels": list(map(int, labels)),
+                                        "domain_id": d}
                 if self.domains[d].train_positions is not None:
-                    item["position_ids"] = self.domains[d].train_positions[e]
+                    item["position_ids"] = list(map(int, self.domains[d].train_positions[e]))
                 yield item
+
+    @classmethod
+    def from_config(cls, config: Any, overrides: Sequence[str] = (), *, global_batch_size: int | None = None,
+                    weights: Any = None) -> MixtureDataset:
+        """The domains of a mixtrain config (a :class:`~mixtrain.config.Config` or a YAML path, with
+        ``k=v`` overrides) read through the token cache (built once, shared with ``mixtrain train``),
+        with its sampler settings. ``global_batch_size`` defaults to the config's micro batch ×
+        grad accum (× the world size when ``torch.distributed`` is initialised)."""
+        from .config import Config, load_config
+        from .data import encode_config_domains
+
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        tok, enc = encode_config_domains(cfg)
+        t, d = cfg.train, cfg.data
+        if global_batch_size is None:
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            global_batch_size = t.micro_batch_size * t.grad_accum * world
+        ex = d.exhaustion if isinstance(d.exhaustion, str) else [d.exhaustion.get(e.name, d.exhaustion.get("*", "cycle"))
+                                                                 for e in enc]
+        return cls(enc, tok, global_batch_size=global_batch_size, seed=t.seed, weights=weights,
+                   with_replacement=d.with_replacement, exhaustion=ex, max_epochs=d.max_epochs)
 
 
 class MixtureCallback(TrainerCallback):

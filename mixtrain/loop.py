@@ -156,11 +156,34 @@ def _check_start(cfg: Config, policy: policies.MixingPolicy, enc: list[Any]) -> 
                 "split; set data.dev_fraction > 0 or give {train, dev} paths"
             )
     for d in enc:
-        if not any(any(l != -100 for l in lab[1:]) for _, lab in d.train):
+        if not d.train_label_counts().any():
             raise ConfigError(
                 f"domain {d.name!r}: no trainable tokens after tokenisation (max_length "
                 f"{cfg.data.max_length} cuts every response?)"
             )
+
+
+def describe_changes(old: Any, new: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values (``a.b[2]: x -> y``), at most 5."""
+    out: list[str] = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{where}.{k}" if where else str(k)
+            if k not in old:
+                out.append(f"{key}: added")
+            elif k not in new:
+                out.append(f"{key}: removed")
+            else:
+                out += describe_changes(old[k], new[k], key)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += describe_changes(a, b, f"{where}[{i}]")
+    elif old != new:
+        def short(v: Any) -> str:
+            r = json.dumps(v, default=str)
+            return r if len(r) <= 120 else r[:117] + "..."
+        out.append(f"{where}: {short(old)} -> {short(new)}")
+    return out[:5]
 
 
 def _start_watchdog(info: Any, timeout: float) -> RankWatchdog | None:
@@ -263,12 +286,14 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     t = cfg.train
 
     # ---- data -----------------------------------------------------------------------------
-    tok, enc = encode_config_domains(cfg)
+    tok, enc = encode_config_domains(cfg, progress=info.is_main and t.progress)
     names = [d.name for d in enc]
     sizes = [d.size for d in enc]
     # label tokens per training row (after the causal shift): lets every rank compute the global
     # batch's token count locally, since every rank knows the whole global batch
-    label_counts = [np.array([sum(1 for x in lab[1:] if x != -100) for _, lab in d.train]) for d in enc]
+    label_counts = [d.train_label_counts() for d in enc]
+    row_lengths = [d.train_lengths() for d in enc]
+    data_inputs = {d.name: d.cache.manifest.get("inputs") for d in enc if d.cache is not None}
     log.info("domains: %s", ", ".join(f"{n}={s}" for n, s in zip(names, sizes)))
 
     # ---- policy (validated before the model is built: errors come fast) -----------------------
@@ -409,6 +434,12 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
     resume_from = _choose_resume(cfg, ckpt_root, info.is_main)
     if resume_from is not None:
         state = read_state(resume_from)
+        changed = describe_changes({"data": state.get("data")}, {"data": data_inputs}) if "data" in state else []
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {resume_from} was trained on other data; refusing to resume. What changed: "
+                f"{'; '.join(changed)}. Use another output_dir or train.resume=none"
+            )
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(
                 f"checkpoint {resume_from} was written by a different config (fingerprint "
@@ -437,7 +468,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
         state = {
             "version": 1, "step": step, "tokens": tokens, "input_tokens": input_tokens,
             "fingerprint": fingerprint, "global_batch_size": global_batch, "world_size": info.world_size,
-            "domains": names, "sampler": sampler.state_dict(), "policy": policy.state_dict(),
+            "domains": names, "data": data_inputs, "sampler": sampler.state_dict(), "policy": policy.state_dict(),
             "bus": bus.state_dict(), "history": history,
         }
         save_checkpoint(engine, ckpt_root, step, state, rank=info.rank, keep=t.keep_checkpoints)
@@ -478,7 +509,7 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
         # DeepSpeed divides by grad_accum and averages over ranks; this scale undoes both so the
         # gradient is that of the mean over all label tokens of the global batch
         scale = t.grad_accum * info.world_size / max(1, n_global)
-        lengths = [len(enc[d].train[e][0]) for d, e in pairs] if t.sort_by_length else None
+        lengths = [int(row_lengths[d][e]) for d, e in pairs] if t.sort_by_length else None
         for rows in shard(gb, info.rank, info.world_size, t.micro_batch_size, t.grad_accum, lengths):
             batch = make_batch(rows)
             if collector is not None:

@@ -30,7 +30,20 @@ import numpy as np
 
 from .sources import DataError, Record
 
-__all__ = ["ADDITION_SKILLS", "BUILTIN_DOMAINS", "LEGO_SKILLS", "builtin_domains", "expand_builtin", "generate"]
+__all__ = [
+    "ADDITION_SKILLS",
+    "BUILTIN_DOMAINS",
+    "GENERATOR_VERSION",
+    "LEGO_SKILLS",
+    "builtin_domains",
+    "builtin_size_for",
+    "expand_builtin",
+    "generate",
+]
+
+# Bump when a generator changes what it produces for the same (name, size, seed): it is part of
+# the token cache's fingerprint.
+GENERATOR_VERSION = 1
 
 LEGO_SKILLS = 5
 ADDITION_SKILLS = 3
@@ -244,7 +257,8 @@ def expand_builtin(names: list[str]) -> Iterator[str]:
             yield n
 
 
-def _size_for(name: str, size: int | Mapping[str, int]) -> int:
+def builtin_size_for(name: str, size: int | Mapping[str, int]) -> int:
+    """Examples of built-in domain ``name`` for ``data.builtin_size`` (a mapping's default is 400)."""
     if isinstance(size, int):
         return size
     family = name.partition("_")[0]
@@ -258,4 +272,4 @@ def builtin_domains(names: list[str], *, size: int | Mapping[str, int], seed: in
     """Expand ``lego``/``addition`` into skills and generate every requested domain.
 
     ``size``: examples per domain, or ``{domain | family | "*": n}`` (default 400)."""
-    return [(n, generate(n, _size_for(n, size), seed)) for n in expand_builtin(names)]
+    return [(n, generate(n, builtin_size_for(n, size), seed)) for n in expand_builtin(names)]

@@ -1,217 +1,25 @@
-"""Pre-tokenised domains and batch collation.
-
-Each domain is tokenised once up front into a list of ``(input_ids, labels)`` rows (at most
-``max_length`` tokens). A row keeps exactly one domain, so per-domain signals stay exact.
-
-Packing (``packing=True``, padding-free / varlen): the examples of a domain are concatenated in
-record order and cut into ``max_length`` rows, and every row gets per-token position ids
-(:attr:`EncodedDomain.train_positions`) that restart at 0 where an example starts. The first
-token of every example is never a target (its label is ``-100``; with unshifted HF labels it
-would be predicted from the previous example's last token), and the model attends only within
-an example (:func:`packed_attention_inputs` turns the position ids into a block-diagonal causal
-mask for ``sdpa`` / ``eager``, or varlen boundaries for flash attention). So a packed row gives,
-token for token, the losses of its examples run one at a time. Examples are not truncated when
-packing: one longer than the rest of a row continues in the next row(s), its position ids
-continuing (not restarting) there, so it is seen in fragments of at most ``max_length`` tokens
-without the context of the previous row; the token at each such cut is not a target (position 0
-of a row predicts nothing), exactly as before varlen packing. Dev rows are never packed.
-"""
+"""Batches: rows of (input_ids, labels) right-padded into tensors, and the attention inputs of
+packed rows (:func:`packed_attention_inputs`). The rows come from :mod:`mixtrain.data.packing`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from .sources import Domain, Record
-from .tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, encode_messages
+from .packing import EncodedDomain, Row
+from .tokenizer import IGNORE_INDEX
 
 __all__ = [
-    "EncodedDomain",
     "collate",
     "collate_examples",
-    "encode_domains",
-    "encode_records",
-    "pack_rows",
     "packed_attention_inputs",
 ]
 
-Row = tuple[list[int], list[int]]
-
 log = logging.getLogger("mixtrain")
-
-
-@dataclass
-class EncodedDomain:
-    """A tokenised domain: ``train``/``dev`` rows of ``(input_ids, labels)``.
-
-    ``train_positions``: with packing, the position ids of every training row (parallel to
-    ``train``, restarting at 0 at each example start; see the module docstring); ``None``
-    otherwise. Rows stay ``(input_ids, labels)`` pairs so code that only needs tokens is unchanged.
-    ``truncated``: training rows longer than ``max_length`` before the cut (0 with packing, which
-    never cuts); ``prompt_too_long``: those of them whose prompt alone fills ``max_length``, so
-    no trained token is left.
-    """
-
-    name: str
-    train: list[Row]
-    dev: list[Row]
-    records: list[Record]
-    train_positions: list[list[int]] | None = None
-    truncated: int = 0
-    prompt_too_long: int = 0
-
-    def __post_init__(self) -> None:
-        if self.train_positions is None:
-            return
-        if len(self.train_positions) != len(self.train):
-            raise ValueError(
-                f"EncodedDomain {self.name!r}: train_positions has {len(self.train_positions)} rows but train has "
-                f"{len(self.train)}"
-            )
-        for i, (pos, (ids, _)) in enumerate(zip(self.train_positions, self.train)):
-            if len(pos) != len(ids):
-                raise ValueError(
-                    f"EncodedDomain {self.name!r}: train_positions[{i}] has {len(pos)} ids but train[{i}] has "
-                    f"{len(ids)} tokens"
-                )
-
-    @property
-    def size(self) -> int:
-        """Number of training rows (what the sampler draws from)."""
-        return len(self.train)
-
-
-def _tokenize(
-    tok: ByteTokenizer | HFTokenizer, records: Sequence[Record], max_length: int, train_on_prompt: bool
-) -> list[Row]:
-    return [
-        encode_messages(tok, r.as_messages(), max_length=max_length, train_on_prompt=train_on_prompt,
-                        plain_text=r.plain_text)
-        for r in records
-    ]
-
-
-def _tokenize_counted(
-    tok: ByteTokenizer | HFTokenizer, records: Sequence[Record], max_length: int, train_on_prompt: bool
-) -> tuple[list[Row], int, int]:
-    """:func:`_tokenize` (truncation is a prefix cut) plus ``(rows cut, rows left without a trained
-    label)``, counted on the uncut encoding."""
-    rows: list[Row] = []
-    cut = dead = 0
-    for ids, labels in _tokenize(tok, records, 1 << 30, train_on_prompt):
-        if len(ids) > max_length:
-            cut += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(x == IGNORE_INDEX for x in labels[1:]):
-                dead += 1
-        rows.append((ids, labels))
-    return rows, cut, dead
-
-
-def pack_rows(rows: Sequence[Row], max_length: int) -> tuple[list[Row], list[list[int]]]:
-    """Pack examples (in order) into rows of ``max_length`` tokens with per-token position ids.
-
-    Position ids restart at 0 at the first token of every example, whose label becomes
-    ``IGNORE_INDEX``; an example that does not fit in the rest of a row continues in the next
-    row with continuing position ids. A last row of a single token (nothing to predict) is
-    dropped. Returns ``(packed_rows, positions)``.
-    """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"pack_rows: max_length must be an int >= 2, got {max_length!r}")
-    ids: list[int] = []
-    labels: list[int] = []
-    pos: list[int] = []
-    for i, (a, b) in enumerate(rows):
-        if len(a) != len(b):
-            raise ValueError(f"pack_rows: rows[{i}] has {len(a)} input ids but {len(b)} labels")
-        if not a:
-            continue
-        ids.extend(a)
-        labels.append(IGNORE_INDEX)  # predicted from the previous example's last token: no target
-        labels.extend(b[1:])
-        pos.extend(range(len(a)))
-    packed: list[Row] = []
-    positions: list[list[int]] = []
-    for i in range(0, len(ids), max_length):
-        if len(ids) - i > 1:
-            packed.append((ids[i : i + max_length], labels[i : i + max_length]))
-            positions.append(pos[i : i + max_length])
-    return packed, positions
-
-
-def encode_records(
-    tok: ByteTokenizer | HFTokenizer,
-    records: Sequence[Record],
-    *,
-    max_length: int,
-    train_on_prompt: bool,
-    packing: bool = False,
-) -> list[Row]:
-    """Tokenise records (see :func:`mixtrain.data.tokenizer.encode_messages`), optionally packed
-    (:func:`pack_rows`; use that, or :func:`encode_domains`, to get the position ids as well)."""
-    if not packing:
-        return _tokenize(tok, records, max_length, train_on_prompt)
-    return pack_rows(_tokenize(tok, records, 1 << 30, train_on_prompt), max_length)[0]
-
-
-def encode_domains(
-    domains: Sequence[Domain],
-    tok: ByteTokenizer | HFTokenizer,
-    *,
-    max_length: int,
-    train_on_prompt: bool = False,
-    packing: bool = False,
-    max_dev_examples: int | None = None,
-) -> list[EncodedDomain]:
-    """Tokenise every domain's train and dev records (dev is never packed)."""
-    out = []
-    for d in domains:
-        positions = None
-        cut = dead = 0
-        if packing:
-            train, positions = pack_rows(_tokenize(tok, d.train, 1 << 30, train_on_prompt), max_length)
-            _warn_split(d.name, positions, max_length)
-        else:
-            train, cut, dead = _tokenize_counted(tok, d.train, max_length, train_on_prompt)
-        dev_records = d.dev[:max_dev_examples] if max_dev_examples else d.dev
-        dev = encode_records(tok, dev_records, max_length=max_length, train_on_prompt=train_on_prompt)
-        if not packing:
-            _report_truncation(d.name, len(train), cut, dead, max_length)
-        out.append(EncodedDomain(d.name, train, dev, list(d.train), positions, cut, dead))
-    return out
-
-
-def _warn_split(name: str, positions: Sequence[Sequence[int]], max_length: int) -> None:
-    """Packing does not truncate: say when examples longer than ``max_length`` are seen in
-    fragments, and how far their position ids go (models with learned absolute position
-    embeddings need ``max_position_embeddings`` above that)."""
-    longest = max((max(p) for p in positions if p), default=-1) + 1
-    if longest > max_length:
-        n = sum(p.count(max_length) for p in positions)  # one token at that position per long example
-        log.warning(
-            "domain %r: packing splits %d example(s) longer than max_length=%d over rows (longest %d tokens: "
-            "position ids up to %d); raise data.max_length to keep them whole", name, n, max_length, longest,
-            longest - 1,
-        )
-
-
-def _report_truncation(name: str, n: int, cut: int, dead: int, max_length: int) -> None:
-    """Report per domain how many rows ``max_length`` cuts and how many of them keep no trained
-    token (their prompt alone fills it: they teach nothing but are still sampled). A warning when
-    more than a quarter are cut or more than a tenth are left empty (so always when most rows
-    are cut), else an info line when any row is cut."""
-    if not n or not cut:
-        return
-    level = logging.WARNING if dead / n > 0.1 or cut / n > 0.25 else logging.INFO
-    log.log(
-        level, "domain %r: %d of %d rows reach max_length=%d (truncated) and %d have no trained token left "
-        "(the prompt alone fills max_length)%s", name, cut, n, max_length, dead,
-        "; raise data.max_length or shorten the records" if level == logging.WARNING else "",
-    )
 
 
 def collate(
@@ -245,8 +53,8 @@ def collate(
     mask = torch.zeros((b, t), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
         n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-        labels[i, :n] = torch.tensor(lab, dtype=torch.long)
+        input_ids[i, :n] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        labels[i, :n] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
         mask[i, :n] = 1
     out = {
         "input_ids": input_ids,
@@ -259,7 +67,7 @@ def collate(
         for i, ((ids, _), p) in enumerate(zip(rows, position_ids)):
             if len(p) != len(ids):
                 raise ValueError(f"collate: position_ids[{i}] has {len(p)} ids but row {i} has {len(ids)} tokens")
-            pos[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+            pos[i, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.int64))
         out["position_ids"] = pos
     return out
 

@@ -1,4 +1,9 @@
-"""Domain sources: JSONL files/folders, local HF datasets and the built-in corpus.
+"""Sources: the files a domain is read from, streamed in chunks of raw records.
+
+Formats: JSONL (``.jsonl``, gzipped ``.jsonl.gz``), Parquet (``.parquet``), Arrow (``.arrow``: the
+IPC stream or file format, as Hugging Face ``save_to_disk`` writes it), a local Hugging Face dataset
+(a ``save_to_disk`` folder, or a ``DatasetDict`` one: its ``train`` split), and folders of any of
+these (their supported files, sorted by name).
 
 Every record is normalised to ``(messages, plain_text)``:
 
@@ -6,21 +11,31 @@ Every record is normalised to ``(messages, plain_text)``:
 * ``{"prompt": ..., "response": ...}`` → user + assistant messages,
 * ``{"text": ...}`` → one plain-text document trained on every token.
 
+A per-domain ``fields`` mapping renames the user's fields to these: ``{"prompt": "question",
+"response": "answer"}``, ``{"messages": "conversations", "role": "from", "content": "value"}``.
+
 Files are untrusted: JSON only (``json.loads``), and every error is a :class:`DataError` naming
-the file, the line (or the record index of an HF dataset) and what was expected: bytes that are
-not UTF-8 (with their offset), a last line cut short, a wrong field type, an unknown role, an
-empty response, text with an unpaired surrogate escape (``"\\ud800"``: no UTF-8 form). A line
+the file, the line (or the row of a Parquet / Arrow / HF file) and what was expected: bytes that
+are not UTF-8 (with their offset), a last line cut short, a wrong field type, an unknown role, an
+empty response, text with an unpaired surrogate escape (``"\\ud800"``: no UTF-8 form). A UTF-8
+byte-order mark at the start of a JSONL file is skipped (as pandas and HF datasets do). A line
 longer than :data:`MAX_LINE_BYTES` (16 MiB) is refused after reading at most that much of it: one
 record per line is expected, and a line that long is a broken file (or binary data) far more
 often than a real example, which ``data.max_length`` would cut anyway.
+
+Reading is split in two so that parsing runs in the build's worker processes: :func:`iter_chunks`
+streams raw chunks (JSONL lines as bytes, or rows of columnar files) in file order, and
+:func:`normalize_chunk` turns one chunk into :class:`Record` s.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +43,22 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "FIELD_NAMES",
     "MAX_LINE_BYTES",
+    "Chunk",
     "DataError",
     "Domain",
     "Record",
-    "load_domains",
+    "check_fields",
+    "iter_chunks",
+    "iter_records",
     "load_path",
+    "normalize_chunk",
     "normalize_record",
     "read_jsonl",
+    "source_files",
     "split_dev",
+    "split_dev_indices",
 ]
 
 
@@ -58,7 +80,8 @@ class Record:
 
 @dataclass
 class Domain:
-    """A named domain with train and dev records."""
+    """A named domain with train and dev records (in memory: for small data and tests; the
+    training loop reads domains through the token cache, :mod:`mixtrain.data.cache`)."""
 
     name: str
     train: list[Record]
@@ -66,8 +89,12 @@ class Domain:
 
 
 _ROLES = ("system", "user", "assistant", "tool")
+FIELD_NAMES = ("messages", "prompt", "response", "text", "role", "content")
 MAX_LINE_BYTES = 16 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
 
 
 def _kind(v: Any) -> str:
@@ -97,7 +124,51 @@ def _short(v: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def normalize_record(obj: Any, where: str) -> Record:
+def check_fields(fields: Any, where: str) -> dict[str, str]:
+    """Validate a ``fields`` mapping (ours → the user's field name).
+
+    Raises:
+        DataError: not a mapping, an unknown key, or a non-string value (naming ``where``).
+    """
+    if fields is None:
+        return {}
+    if not isinstance(fields, Mapping):
+        raise DataError(f"{where}: fields must be a mapping {{our name: your field}}, got {_short(fields)}")
+    out = {}
+    for k, v in fields.items():
+        if k not in FIELD_NAMES:
+            raise DataError(f"{where}: fields has unknown key {k!r}; valid keys: {', '.join(FIELD_NAMES)}")
+        if not isinstance(v, str) or not v:
+            raise DataError(f"{where}: fields.{k} must be a field name (a non-empty string), got {_short(v)}")
+        out[k] = v
+    return out
+
+
+def _rename(obj: Any, fields: Mapping[str, str]) -> Any:
+    """``obj`` with the user's field names replaced by ours (top level and inside ``messages``)."""
+    if not fields or not isinstance(obj, dict):
+        return obj
+    top = {k: v for k, v in fields.items() if k not in ("role", "content")}
+    out = dict(obj)
+    for ours, theirs in top.items():
+        if theirs in out and ours != theirs:
+            out[ours] = out.pop(theirs)
+    inner = {k: fields[k] for k in ("role", "content") if k in fields and fields[k] != k}
+    msgs = out.get("messages")
+    if inner and isinstance(msgs, list):
+        renamed = []
+        for m in msgs:
+            if isinstance(m, dict):
+                m = dict(m)
+                for ours, theirs in inner.items():
+                    if theirs in m:
+                        m[ours] = m.pop(theirs)
+            renamed.append(m)
+        out["messages"] = renamed
+    return out
+
+
+def normalize_record(obj: Any, where: str, fields: Mapping[str, str] | None = None) -> Record:
     """Normalise one raw record (see module docstring); ``where`` is used in error messages.
 
     Assistant turns, ``response`` and ``text`` must be non-empty strings (the text trained on);
@@ -109,6 +180,7 @@ def normalize_record(obj: Any, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with 'messages', 'prompt'+'response' or 'text', got "
                         f"{_kind(obj)} {_short(obj)}")
+    obj = _rename(obj, fields or {})
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list):
@@ -134,9 +206,10 @@ def normalize_record(obj: Any, where: str) -> Record:
         return Record((("user", p), ("assistant", r)))
     if "text" in obj:
         return Record((("text", _string(where, "'text'", obj["text"], non_empty=True)),), plain_text=True)
+    mapped = f" (after renaming by fields {dict(fields)})" if fields else ""
     raise DataError(
-        f"{where}: record has keys {sorted(map(str, obj))[:10]}; expected 'messages', "
-        "'prompt'+'response', or 'text'"
+        f"{where}: record has keys {sorted(map(str, obj))[:10]}{mapped}; expected 'messages', "
+        "'prompt'+'response', or 'text' (map your field names with the domain's fields setting)"
     )
 
 
@@ -144,9 +217,23 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# ---- chunks: the unit of work of a build -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Raw records in file order: ``kind`` ``"lines"`` (``items`` = ``(line number, bytes, ended by
+    a newline)`` of the JSONL file ``where``), ``"rows"`` (``items`` = ``(where, object)``) or
+    ``"records"`` (``items`` = :class:`Record` s, generated)."""
+
+    kind: str
+    where: str
+    items: tuple[Any, ...]
+
+
 def _lines(f: Any, path: Path) -> Iterable[tuple[int, bytes, bool]]:
     """``(line number, bytes without the newline, ended by a newline)``; refuses over-long lines
-    after reading at most ``MAX_LINE_BYTES`` + 1 bytes of them."""
+    after reading at most ``MAX_LINE_BYTES`` + 1 bytes of them; skips a leading UTF-8 BOM."""
     lineno = 0
     while True:
         pieces: list[bytes] = []
@@ -169,147 +256,213 @@ def _lines(f: Any, path: Path) -> Iterable[tuple[int, bytes, bool]]:
             )
         line = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         del pieces
+        if lineno == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]
         ended = line.endswith(b"\n")
         yield lineno, line.rstrip(b"\r\n") if ended else line, ended
 
 
-def read_jsonl(path: Path) -> list[Record]:
-    """Read one JSONL file; blank lines are skipped.
-
-    Raises:
-        DataError: naming the file, the line and what was expected (see the module docstring).
-    """
-    out: list[Record] = []
+def _open_jsonl(path: Path) -> Any:
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, so decoding errors get a line number
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
     except OSError as e:
         raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
-    with f:
-        for lineno, raw, ended in _lines(f, path):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not "
-                                f"UTF-8 ({e.reason}); expected UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line, parse_constant=_no_constants)
-            except json.JSONDecodeError as e:
-                if not ended:
-                    raise DataError(f"{path}:{lineno}: the last line is cut short (no newline at the end and "
-                                    f"not valid JSON: {e.msg} at column {e.colno}); the file looks truncated") from None
-                raise DataError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
-            except ValueError as e:  # NaN / Infinity constants, over-long integers
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e}") from None
-            except RecursionError:
-                raise DataError(f"{path}:{lineno}: JSON nested too deeply; expected a flat record") from None
-            out.append(normalize_record(obj, f"{path}:{lineno}"))
-    return out
 
 
-def _load_hf(path: Path) -> list[Record]:
+def _jsonl_chunks(path: Path, rows: int) -> Iterator[Chunk]:
+    with _open_jsonl(path) as f:
+        buf: list[tuple[int, bytes, bool]] = []
+        try:
+            for item in _lines(f, path):
+                buf.append(item)
+                if len(buf) >= rows:
+                    yield Chunk("lines", str(path), tuple(buf))
+                    buf = []
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(f"{path}: the gzip stream is damaged or cut short ({e}); expected a whole .jsonl.gz "
+                            "file") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
+        if buf:
+            yield Chunk("lines", str(path), tuple(buf))
+
+
+def _arrow_batches(path: Path, rows: int) -> Iterator[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise DataError(
-            f"{path}: looks like a Hugging Face dataset but the 'datasets' package is not "
-            "installed (pip install datasets)"
-        ) from e
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))
-    else:
-        ext = path.suffix.lstrip(".")
-        kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-        if kind is None:
-            raise DataError(f"{path}: unsupported data file type {ext!r}")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
-        ds = ds["train"]
-    return [normalize_record(dict(row), f"{path} record {i}") for i, row in enumerate(ds)]
+        if path.suffix == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+            return
+        try:
+            reader: Any = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({e}); expected a "
+                        f"{'Parquet' if path.suffix == '.parquet' else 'Arrow IPC'} file") from None
 
 
-def load_path(path: str | Path) -> list[Record]:
-    """Records from a JSONL file, a folder of ``*.jsonl`` files (sorted), or a local HF dataset."""
+def _columnar_chunks(path: Path, rows: int) -> Iterator[Chunk]:
+    row = 0
+    for batch in _arrow_batches(path, rows):
+        for start in range(0, batch.num_rows, rows):
+            part = batch.slice(start, rows).to_pylist()
+            yield Chunk("rows", str(path), tuple((f"{path} row {row + i}", obj) for i, obj in enumerate(part)))
+            row += len(part)
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+
+
+def _hf_train_dir(p: Path) -> Path:
+    """The folder of the ``train`` split of a ``save_to_disk`` folder (itself for a ``Dataset``)."""
+    dd = p / "dataset_dict.json"
+    if not dd.exists():
+        return p
+    try:
+        splits = json.loads(dd.read_text()).get("splits", [])
+    except (json.JSONDecodeError, OSError, AttributeError) as e:
+        raise DataError(f"{dd}: not a valid dataset_dict.json ({e})") from None
+    if "train" not in splits:
+        raise DataError(f"{p}: DatasetDict without a 'train' split (has {splits})")
+    return p / "train"
+
+
+def _hf_arrow_files(p: Path) -> list[Path]:
+    d = _hf_train_dir(p)
+    state = d / "state.json"
+    if state.exists():
+        try:
+            names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
+            raise DataError(f"{state}: not a valid Hugging Face state.json ({e})") from None
+        return [d / n for n in names]
+    files = sorted(d.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{d}: Hugging Face dataset folder without .arrow files")
+    return files
+
+
+def _supported(p: Path) -> bool:
+    return p.name.endswith(JSONL_SUFFIXES) or p.suffix in COLUMNAR_SUFFIXES
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """The data files ``path`` stands for, in reading order (what a domain's fingerprint hashes).
+
+    Raises:
+        DataError: a missing path, an unsupported file type, a folder with nothing to read.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
     if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
-            return _load_hf(p)
-        files = sorted(p.glob("*.jsonl"))
-        if not files:
-            raise DataError(f"data folder {str(p)!r} has no *.jsonl files and is not an HF dataset")
-        return [r for f in files for r in read_jsonl(f)]
-    if p.suffix == ".jsonl":
-        return read_jsonl(p)
-    return _load_hf(p)
+        if _is_hf_dir(p):
+            return _hf_arrow_files(p)
+        files = sorted(f for f in p.iterdir() if f.is_file() and _supported(f))
+        subdirs = sorted(f for f in p.iterdir() if f.is_dir() and _is_hf_dir(f))
+        out = files + [x for s in subdirs for x in _hf_arrow_files(s)]
+        if not out:
+            raise DataError(f"data folder {str(p)!r} has no .jsonl, .jsonl.gz, .parquet or .arrow files and is not "
+                            "a Hugging Face dataset folder")
+        return out
+    if not _supported(p):
+        raise DataError(f"data file {str(p)!r}: unsupported type; expected .jsonl, .jsonl.gz, .parquet or .arrow "
+                        "(or a folder of them, or a Hugging Face save_to_disk folder)")
+    return [p]
+
+
+def iter_chunks(path: str | Path, rows: int = 2048) -> Iterator[Chunk]:
+    """Raw chunks of at most ``rows`` records of every file of ``path``, in order."""
+    for f in source_files(path):
+        yield from (_jsonl_chunks(f, rows) if f.name.endswith(JSONL_SUFFIXES) else _columnar_chunks(f, rows))
+
+
+def normalize_chunk(chunk: Chunk, fields: Mapping[str, str] | None = None) -> list[Record]:
+    """The records of one chunk (blank JSONL lines are skipped).
+
+    Raises:
+        DataError: naming the file, the line or row, and what was expected.
+    """
+    if chunk.kind == "records":  # already normalised (generated built-ins)
+        return list(chunk.items)
+    if chunk.kind == "rows":
+        return [normalize_record(obj, where, fields) for where, obj in chunk.items]
+    path = chunk.where
+    out: list[Record] = []
+    for lineno, raw, ended in chunk.items:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not "
+                            f"UTF-8 ({e.reason}); expected UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, parse_constant=_no_constants)
+        except json.JSONDecodeError as e:
+            if not ended:
+                raise DataError(f"{path}:{lineno}: the last line is cut short (no newline at the end and "
+                                f"not valid JSON: {e.msg} at column {e.colno}); the file looks truncated") from None
+            raise DataError(f"{path}:{lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+        except ValueError as e:  # NaN / Infinity constants, over-long integers
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply; expected a flat record") from None
+        out.append(normalize_record(obj, f"{path}:{lineno}", fields))
+    return out
+
+
+def iter_records(path: str | Path, fields: Mapping[str, str] | None = None) -> Iterator[Record]:
+    """Every record of ``path``, in order, one chunk in memory at a time."""
+    for chunk in iter_chunks(path):
+        yield from normalize_chunk(chunk, fields)
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """Read one JSONL file (``.gz`` too); blank lines are skipped.
+
+    Raises:
+        DataError: naming the file, the line and what was expected (see the module docstring).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: cannot be read: {'no such file' if not p.exists() else 'not a file'}")
+    return [r for c in _jsonl_chunks(p, 2048) for r in normalize_chunk(c)]
+
+
+def load_path(path: str | Path, fields: Mapping[str, str] | None = None) -> list[Record]:
+    """All records of a file, folder or local HF dataset, in memory (small data; see :func:`iter_records`)."""
+    return list(iter_records(path, fields))
 
 
 def _name_seed(name: str, salt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "little")
 
 
-def split_dev(name: str, records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
-    """Deterministic held-out split: a fixed permutation keyed by the domain name.
-
-    Keeps at least one training example; a domain with ≥ 2 examples and ``fraction > 0`` gets at
-    least one dev example.
-    """
-    n = len(records)
+def split_dev_indices(name: str, n: int, fraction: float) -> np.ndarray:
+    """Sorted indices of the held-out examples among ``n``: a fixed permutation keyed by the domain
+    name. At least one training example is kept; ``n`` ≥ 2 and ``fraction > 0`` give at least one
+    dev example."""
     if fraction <= 0 or n < 2:
-        return list(records), []
+        return np.zeros(0, dtype=np.int64)
     n_dev = min(n - 1, max(1, round(fraction * n)))
     perm = np.random.Generator(np.random.Philox(_name_seed(name, "dev"))).permutation(n)
-    dev_idx = set(perm[:n_dev].tolist())
-    train = [r for i, r in enumerate(records) if i not in dev_idx]
-    dev = [r for i, r in enumerate(records) if i in dev_idx]
-    return train, dev
+    return np.sort(perm[:n_dev]).astype(np.int64)
 
 
-def load_domains(
-    builtin: Iterable[str],
-    domains: dict[str, Any],
-    *,
-    dev_fraction: float,
-    builtin_size: int | dict[str, int],
-    builtin_seed: int,
-) -> list[Domain]:
-    """Load every configured domain; order = built-ins (as listed) then ``domains`` (as listed).
-
-    Raises:
-        DataError: unknown built-in, missing path, malformed file, empty or duplicate domain.
-    """
-    from .builtin import builtin_domains
-
-    out: list[Domain] = []
-    for name, recs in builtin_domains(list(builtin), size=builtin_size, seed=builtin_seed):
-        train, dev = split_dev(name, recs, dev_fraction)
-        out.append(Domain(name, train, dev))
-    for name, spec in domains.items():
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"train", "dev"}
-            if unknown or "train" not in spec:
-                raise DataError(
-                    f"data.domains.{name}: expected a path or {{train: path, dev: path}}, "
-                    f"got keys {sorted(spec)}"
-                )
-            train = load_path(spec["train"])
-            dev = load_path(spec["dev"]) if spec.get("dev") else None
-            if dev is None:
-                train, dev = split_dev(name, train, dev_fraction)
-        elif isinstance(spec, str):
-            train, dev = split_dev(name, load_path(spec), dev_fraction)
-        else:
-            raise DataError(f"data.domains.{name}: expected a path string, got {spec!r}")
-        out.append(Domain(name, train, dev))
-    seen: set[str] = set()
-    for d in out:
-        if d.name in seen:
-            raise DataError(f"domain {d.name!r} is defined twice")
-        seen.add(d.name)
-        if not d.train:
-            raise DataError(f"domain {d.name!r} is empty (no training examples)")
-    return out
+def split_dev(name: str, records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
+    """Deterministic held-out split (:func:`split_dev_indices`); both parts keep record order."""
+    dev_idx = split_dev_indices(name, len(records), fraction)
+    if not len(dev_idx):
+        return list(records), []
+    is_dev = np.zeros(len(records), dtype=bool)
+    is_dev[dev_idx] = True
+    return [r for r, d in zip(records, is_dev) if not d], [r for r, d in zip(records, is_dev) if d]

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 __all__ = [
     "BYTE_TOKENIZER_FILE",
+    "EncodedBatch",
     "IGNORE_INDEX",
     "ByteTokenizer",
     "HFTokenizer",
     "Tokenizer",
+    "encode_batch",
     "encode_messages",
     "load_tokenizer",
+    "tokenizer_identity",
 ]
 
 IGNORE_INDEX = -100
@@ -220,3 +226,244 @@ def encode_messages(
             else:
                 add(tok.encode(_template_turn(m["role"], m["content"])), False)
     return ids[:max_length], labels[:max_length]
+
+
+# ---- batch encoding (what the token cache uses) ---------------------------------------------
+
+
+@dataclass
+class EncodedBatch:
+    """Records encoded together: token ids and the trained-token mask, concatenated.
+
+    ``ids`` int64 [T], ``mask`` bool [T] (``labels = ids`` where set, else ``IGNORE_INDEX``),
+    ``lengths`` int64 [n] (after the cut at ``max_length``), ``full_lengths`` int64 [n] (before it),
+    ``n_trained`` int64 [n]: trained labels after the causal shift (``labels[1:]``).
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    full_lengths: np.ndarray
+    n_trained: np.ndarray
+
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        """``(input_ids, labels)`` per record (for tests and small data)."""
+        out = []
+        ends = np.cumsum(self.lengths)
+        for s, e in zip(ends - self.lengths, ends):
+            ids = self.ids[s:e]
+            out.append((ids.tolist(), np.where(self.mask[s:e], ids, IGNORE_INDEX).tolist()))
+        return out
+
+
+def _assemble(pieces: list[list[tuple[Sequence[int], bool]]], max_length: int, train_on_prompt: bool) -> EncodedBatch:
+    """Concatenate per-record ``(ids, trained)`` pieces and cut each record at ``max_length``."""
+    ids_parts: list[np.ndarray] = []
+    mask_parts: list[np.ndarray] = []
+    n = len(pieces)
+    lengths = np.zeros(n, dtype=np.int64)
+    full = np.zeros(n, dtype=np.int64)
+    trained = np.zeros(n, dtype=np.int64)
+    for i, rec in enumerate(pieces):
+        arrs = [np.asarray(p, dtype=np.int64) for p, _ in rec]
+        ids = np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int64)
+        mask = np.concatenate([np.full(len(a), t or train_on_prompt) for a, (_, t) in zip(arrs, rec)]) if arrs \
+            else np.zeros(0, dtype=bool)
+        full[i] = len(ids)
+        ids, mask = ids[:max_length], mask[:max_length]
+        lengths[i] = len(ids)
+        trained[i] = int(mask[1:].sum())
+        ids_parts.append(ids)
+        mask_parts.append(mask)
+    return EncodedBatch(
+        np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64),
+        np.concatenate(mask_parts).astype(bool) if mask_parts else np.zeros(0, dtype=bool),
+        lengths, full, trained,
+    )
+
+
+def _pieces_plain(tok: ByteTokenizer | HFTokenizer, messages: Sequence[tuple[str, str]], plain_text: bool,
+                  encode: Any) -> list[tuple[Sequence[int], bool]]:
+    """The pieces of :func:`encode_messages` for plain text and for tokenizers without a chat
+    template (each piece encoded on its own, exactly as there); ``encode`` maps text → ids."""
+    out: list[tuple[Sequence[int], bool]] = []
+    if tok.bos_token_id is not None:
+        out.append(([tok.bos_token_id], False))
+    if plain_text:
+        out.append((list(encode(messages[0][1])) + [tok.eos_token_id], True))
+        return out
+    for role, content in messages:
+        if role == "assistant":
+            out.append((encode(f"<|{role}|>\n"), False))
+            out.append((list(encode(content)) + [tok.eos_token_id], True))
+        else:
+            out.append((encode(_template_turn(role, content)), False))
+    return out
+
+
+def _byte_encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+class _ChatSpans:
+    """Chat-template records rendered as text (the template rendered for many records in one call),
+    tokenised in one batch, and labelled by character spans. This is exactly :func:`encode_messages`
+    (which tokenises the rendered prefixes one record at a time) whenever the tokens of each rendered
+    prefix are a prefix of the tokens of the whole conversation, as for every template that closes
+    turns with special tokens; :func:`encode_batch` checks the text side of that and encodes any
+    record for which it fails with :func:`encode_messages` itself."""
+
+    def __init__(self, tok: HFTokenizer) -> None:
+        self.tok = tok
+        self.eot = tok.tok.convert_ids_to_tokens(tok.end_of_turn_id)
+
+    def _render(self, convs: list[list[Message]], gen: bool) -> list[str | None]:
+        if not convs:
+            return []
+        try:
+            return [str(x) for x in self.tok.tok.apply_chat_template(convs, tokenize=False, add_generation_prompt=gen)]
+        except Exception:  # noqa: BLE001 - a record the template refuses: find it one at a time
+            out: list[str | None] = []
+            for c in convs:
+                try:
+                    out.append(str(self.tok.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=gen)))
+                except Exception:  # noqa: BLE001 - encode_messages raises the template's own error
+                    out.append(None)
+            return out
+
+    def spans(self, convs: list[list[Message]]) -> list[tuple[str, list[tuple[int, int]]] | None]:
+        """Per conversation: the full text and the character spans trained on (``None``: not
+        prefix-stable as text, or refused by the template)."""
+        prefix_req: list[list[Message]] = []
+        full_req: list[list[Message]] = []
+        plan = []
+        for msgs in convs:
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            plan.append((turns, len(prefix_req), len(full_req)))
+            prefix_req += [msgs[:i] for i in turns]
+            full_req += [msgs[: i + 1] for i in turns]
+            if msgs[-1]["role"] != "assistant":
+                full_req.append(msgs)
+        prefixes, fulls = self._render(prefix_req, True), self._render(full_req, False)
+        out: list[tuple[str, list[tuple[int, int]]] | None] = []
+        for msgs, (turns, p0, f0) in zip(convs, plan):
+            spans: list[tuple[int, int]] = []
+            ok = True
+            full_i: str | None = ""
+            for k in range(len(turns)):
+                prefix, full_i = prefixes[p0 + k], fulls[f0 + k]
+                if prefix is None or full_i is None or not full_i.startswith(prefix):
+                    ok = False
+                    break
+                end = full_i.find(self.eot, len(prefix)) if self.eot else -1
+                spans.append((len(prefix), end + len(self.eot) if end >= 0 else len(full_i)))
+            text = fulls[f0 + len(turns)] if ok and msgs[-1]["role"] != "assistant" else full_i
+            ok = ok and text is not None and full_i is not None and text.startswith(full_i)
+            out.append((text, spans) if ok else None)  # type: ignore[arg-type]
+        return out
+
+
+def _plain_encoder(tok: HFTokenizer, records: Sequence[Any], backend: Any, chat: bool) -> Any:
+    """``text → ids`` for every piece :func:`_pieces_plain` asks of ``records``, encoded in one batch."""
+    texts: dict[str, list[int]] = {}
+
+    def collect(t: str) -> list[int]:
+        texts.setdefault(t, [])
+        return []
+
+    for r in records:
+        if r.plain_text or not chat:
+            _pieces_plain(tok, r.messages, r.plain_text, collect)
+    keys = list(texts)
+    for k, enc in zip(keys, backend.encode_batch(keys, add_special_tokens=False) if keys else []):
+        texts[k] = enc.ids
+    return texts.__getitem__
+
+
+def encode_batch(
+    tok: ByteTokenizer | HFTokenizer,
+    records: Sequence[Any],
+    *,
+    max_length: int,
+    train_on_prompt: bool = False,
+) -> EncodedBatch:
+    """Encode many records (:class:`~mixtrain.data.sources.Record` s) at once; the result equals
+    :func:`encode_messages` applied to each record (tested on the real tokenizer), only faster:
+    bytes via numpy, HF tokenizers through one call of the fast (Rust) tokenizer per batch."""
+    if isinstance(tok, ByteTokenizer):
+        return _assemble([_pieces_plain(tok, r.messages, r.plain_text, _byte_encode) for r in records],
+                         max_length, train_on_prompt)
+    backend = getattr(tok.tok, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: one record at a time
+        rows = [encode_messages(tok, r.as_messages(), max_length=1 << 30, train_on_prompt=train_on_prompt,
+                                plain_text=r.plain_text) for r in records]
+        return _assemble([_row_pieces(ids, labels) for ids, labels in rows], max_length, train_on_prompt)
+    encode = _plain_encoder(tok, records, backend, tok.has_chat_template)
+    if not tok.has_chat_template:
+        return _assemble([_pieces_plain(tok, r.messages, r.plain_text, encode) for r in records],
+                         max_length, train_on_prompt)
+    pieces: list[Any] = [None] * len(records)
+    texts, owners, all_spans = [], [], []
+    chat_idx = [i for i, r in enumerate(records) if not r.plain_text]
+    rendered = dict(zip(chat_idx, _ChatSpans(tok).spans([records[i].as_messages() for i in chat_idx])))
+    for i, r in enumerate(records):
+        if r.plain_text:
+            pieces[i] = _pieces_plain(tok, r.messages, True, encode)
+            continue
+        got = rendered[i]
+        if got is None:
+            ids, labels = encode_messages(tok, r.as_messages(), max_length=1 << 30, train_on_prompt=train_on_prompt)
+            pieces[i] = _row_pieces(ids, labels)
+            continue
+        texts.append(got[0])
+        owners.append(i)
+        all_spans.append(got[1])
+    for i, enc, spans in zip(owners, backend.encode_batch(texts, add_special_tokens=False) if texts else [],
+                             all_spans):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
+        trained = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            trained |= (starts >= a) & (starts < b)
+        pieces[i] = _mask_pieces(ids, trained)
+    return _assemble(pieces, max_length, train_on_prompt)
+
+
+def _row_pieces(ids: Sequence[int], labels: Sequence[int]) -> list[tuple[Sequence[int], bool]]:
+    a = np.asarray(ids, dtype=np.int64)
+    return _mask_pieces(a, np.asarray(labels, dtype=np.int64) != IGNORE_INDEX)
+
+
+def _mask_pieces(ids: np.ndarray, trained: np.ndarray) -> list[tuple[Sequence[int], bool]]:
+    """Split ``ids`` into runs of equal ``trained``."""
+    if not len(ids):
+        return []
+    cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    bounds = [0, *cuts.tolist(), len(ids)]
+    return [(ids[a:b], bool(trained[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                    "chat_template.json")
+
+
+def tokenizer_identity(tok: ByteTokenizer | HFTokenizer) -> dict[str, Any]:
+    """What determines the tokens a tokenizer gives, as plain strings (part of the data
+    fingerprint): the content hashes of its files, its chat template text, its special ids."""
+    if isinstance(tok, ByteTokenizer):
+        return {"type": "byte", "version": 1}
+    import hashlib
+
+    files = {}
+    folder = Path(tok.name)
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        if f.is_file():
+            files[name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    template = getattr(tok.tok, "chat_template", None)
+    return {
+        "type": "hf", "class": type(tok.tok).__name__, "files": files,
+        "chat_template": template if isinstance(template, str) else json.dumps(template, sort_keys=True),
+        "ids": [tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.end_of_turn_id],
+    }

@@ -19,8 +19,10 @@ objective, the module list and a fingerprint of θ*; reopening with different se
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,34 @@ class Examples:
 
     ids: list[int]
     tasks: list[str]
-    rows: list[Row]
+    rows: RowRefs
+
+
+class RowRefs(Sequence):
+    """Rows read on demand from the domains' rows (segments of ``(rows, indices)``)."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[Sequence[Row], np.ndarray]] = []
+        self.ends: list[int] = []
+
+    def extend(self, rows: Sequence[Row], idx: np.ndarray) -> None:
+        self.segments.append((rows, np.asarray(idx, dtype=np.int64)))
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(idx))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"row {k} out of range for {len(self)} rows")
+        seg = bisect.bisect_right(self.ends, k)
+        rows, idx = self.segments[seg]
+        return rows[int(idx[k - (self.ends[seg - 1] if seg else 0)])]
 
 
 @dataclass
@@ -80,30 +109,28 @@ def load_task_data(cfg: Config, g: GradexConfig) -> TaskData:
     for name in (*tasks, *g.target):
         if name not in by_name:
             raise ConfigError(f"gradex: {name!r} is not a configured domain; domains: {order}")
-    train = Examples([], [], [])
+    train = Examples([], [], RowRefs())
     for name in tasks:
         pos, d = by_name[name]
-        rows = [(i, r) for i, r in enumerate(d.train) if any(x != -100 for x in r[1][1:])]
+        keep = np.flatnonzero(d.train_label_counts() > 0)
         if g.max_examples_per_task is not None:
-            rows = rows[: g.max_examples_per_task]
-        if not rows:
+            keep = keep[: g.max_examples_per_task]
+        if not len(keep):
             raise ConfigError(f"gradex: task {name!r} has no examples with target tokens (after max_length "
                               f"{cfg.data.max_length} truncation)")
-        for i, r in rows:
-            train.ids.append((pos << ID_SHIFT) | i)
-            train.tasks.append(name)
-            train.rows.append(r)
-    target = Examples([], [], [])
+        train.ids.extend(((pos << ID_SHIFT) | keep).tolist())
+        train.tasks.extend([name] * len(keep))
+        train.rows.extend(d.train, keep)
+    target = Examples([], [], RowRefs())
     for name in g.target:
         pos, d = by_name[name]
-        rows = [(i, r) for i, r in enumerate(d.dev) if any(x != -100 for x in r[1][1:])]
-        if not rows:
+        keep = np.array([i for i, r in enumerate(d.dev) if (np.asarray(r[1][1:]) != -100).any()], dtype=np.int64)
+        if not len(keep):
             raise ConfigError(f"gradex: target {name!r} has no dev data; set data.dev_fraction > 0 or give "
                               "data.domains.<name>: {train: ..., dev: ...}")
-        for i, r in rows:
-            target.ids.append((pos << ID_SHIFT) | i)
-            target.tasks.append(name)
-            target.rows.append(r)
+        target.ids.extend(((pos << ID_SHIFT) | keep).tolist())
+        target.tasks.extend([name] * len(keep))
+        target.rows.extend(d.dev, keep)
     return TaskData(train, target, tasks, list(g.target), order, tok.pad_token_id, tok.vocab_size)
 
 

@@ -173,30 +173,30 @@ def test_collate_pads_and_keeps_domains():
     assert b["domain_ids"].tolist() == [2, 0]
 
 
-def test_packing_concatenates_rows_of_a_domain():
-    from mixtrain.data.collate import encode_records
-
-    tok = ByteTokenizer()
-    recs = generate("lego_2", 10, 0)
-    rows = encode_records(tok, recs, max_length=64, train_on_prompt=False)
-    packed = encode_records(tok, recs, max_length=64, train_on_prompt=False, packing=True)
-    flat_ids = [x for ids, _ in packed for x in ids]
-    flat_lab = [x for _, lab in packed for x in lab]
-    full = [encode_messages(tok, r.as_messages(), max_length=10**6) for r in recs]
-    assert flat_ids == [x for ids, _ in full for x in ids]
-    # varlen packing: an example's first token is never a target (it would be predicted from the
-    # previous example's last token); all other labels are unchanged
-    assert flat_lab == [x for _, lab in full for x in [-100, *lab[1:]]]
-    assert all(len(ids) == 64 for ids, _ in packed[:-1]) and len(packed) == -(-len(flat_ids) // 64)
-    assert all(len(ids) <= 64 for ids, _ in rows)
-    # the position ids (encode_domains) restart at every example start and continue across rows
-    from mixtrain.data import encode_domains
+def test_packing_keeps_every_example_whole():
+    from mixtrain.data import encode_domains, encode_records
     from mixtrain.data.sources import Domain
 
-    enc = encode_domains([Domain("lego_2", recs)], tok, max_length=64, packing=True)[0]
-    assert enc.train == packed
-    flat_pos = [x for p in enc.train_positions for x in p]
-    assert flat_pos == [i for ids, _ in full for i in range(len(ids))]
+    tok = ByteTokenizer()
+    recs = generate("lego_2", 10, 0) + generate("math", 6, 0)
+    full = [encode_messages(tok, r.as_messages(), max_length=120) for r in recs]
+    packed = encode_records(tok, recs, max_length=120, train_on_prompt=False, packing=True)
+    enc = encode_domains([Domain("mix", recs)], tok, max_length=120, packing=True)[0]
+    assert [(list(a), list(b)) for a, b in enc.train] == [(list(a), list(b)) for a, b in packed]
+    # every example appears exactly once, whole, inside one row; its first label is not a target
+    # (it would be predicted from the previous example's last token), the others are unchanged
+    pieces = []
+    for (ids, lab), pos in zip(enc.train, enc.train_positions):
+        assert len(ids) <= 120 and len(pos) == len(ids)
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+        assert list(pos) == [i for a, b in zip(starts, starts[1:]) for i in range(b - a)]
+        for a, b in zip(starts, starts[1:]):
+            pieces.append((tuple(ids[a:b]), tuple(lab[a:b])))
+    expect = sorted((tuple(i), (-100, *l[1:])) for i, l in full)
+    assert sorted(pieces) == expect
+    # best fit decreasing: no two rows could be merged
+    lengths = sorted(len(ids) for ids, _ in enc.train)
+    assert lengths[0] + lengths[1] > 120
 
 
 def test_truncation_warning_names_the_domain(caplog):

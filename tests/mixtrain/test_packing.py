@@ -11,12 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from mixtrain.data import IGNORE_INDEX, collate, encode_messages, generate, load_tokenizer, pack_rows
-from mixtrain.data.collate import encode_domains, encode_records, packed_attention_inputs
+from mixtrain.data import (
+    IGNORE_INDEX,
+    collate,
+    encode_domains,
+    encode_messages,
+    encode_records,
+    generate,
+    load_tokenizer,
+    pack_rows,
+    packed_attention_inputs,
+)
+from mixtrain.data.packing import pack_bfd
 from mixtrain.data.sources import Domain, Record
 from mixtrain.signals import causal_lm_loss
 
@@ -70,35 +81,36 @@ def _segments(pos: list[int]) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def _oracle_token_loss(model, tok, recs, d) -> list[torch.Tensor]:
-    """Per packed row, [T - 1] losses (position t predicts token t + 1) from running every
-    example piece alone through the plain HF model with the *unpacked* labels. Pieces and their
-    positions come from the examples' own spans in the stream, not from the packer's positions."""
-    full = _full(tok, recs)
-    spans, off = [], 0  # (stream start, stream end) of every example
-    for ids, _ in full:
-        spans.append((off, off + len(ids)))
-        off += len(ids)
-    stream_ids = [x for ids, _ in full for x in ids]
-    stream_lab = [x for _, lab in full for x in lab]
-    out, r0 = [], 0
+    """Per packed row, [T - 1] losses (position t predicts token t + 1) from running every example
+    alone through the plain HF model with its own labels. Which examples a row holds is found by
+    matching their tokens (each record tokenised alone, cut at MAX_LEN), not from the packer's
+    position ids; the position where one example ends and the next begins predicts nothing."""
+    full = [(ids[:MAX_LEN], lab[:MAX_LEN]) for ids, lab in _full(tok, recs)]
+    unused = set(range(len(full)))
+    out = []
     for ids, _ in d.train:
-        r1 = r0 + len(ids)
-        assert ids == stream_ids[r0:r1]
+        ids = [int(x) for x in ids]
         want = torch.zeros(len(ids) - 1)
-        for a, b in spans:
-            s, e = max(a, r0), min(b, r1)
-            if s >= e:
-                continue
-            # a piece continuing an example from the previous row runs with its positions in the
-            # example: there is no earlier context in the row, so that is all the row can show
-            piece = torch.tensor([stream_ids[s:e]])
-            logits = model(input_ids=piece, position_ids=torch.arange(s - a, e - a)[None]).logits[0].float()
-            lab = torch.tensor(stream_lab[s + 1:e])
-            tl = torch.nn.functional.cross_entropy(logits[:-1], lab, ignore_index=IGNORE_INDEX, reduction="none")
-            want[s - r0:e - r0 - 1] = tl
+        off = 0
+        while off < len(ids):
+            fits = [e for e in unused if full[e][0] == ids[off:off + len(full[e][0])]]
+            assert fits, f"no example starts at token {off} of a packed row"
+            e = max(fits, key=lambda k: len(full[k][0]))
+            unused.discard(e)
+            ex_ids, ex_lab = full[e]
+            logits = model(input_ids=torch.tensor([ex_ids])).logits[0].float()
+            tl = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ex_lab[1:]), ignore_index=IGNORE_INDEX,
+                                                   reduction="none")
+            want[off:off + len(ex_ids) - 1] = tl
+            off += len(ex_ids)
         out.append(want)
-        r0 = r1
+    assert not unused, "every example is packed exactly once"
     return out
+
+
+def _multi(d) -> int:
+    """The packed row holding the most examples."""
+    return max(range(len(d.train)), key=lambda r: len(_segments(list(d.train_positions[r]))))
 
 
 def _loss(model, batch) -> torch.Tensor:
@@ -108,17 +120,27 @@ def _loss(model, batch) -> torch.Tensor:
 # ---- data: positions and labels ---------------------------------------------------------------
 
 
-def test_pack_rows_positions_labels_and_split():
+def test_pack_bfd_hand_cases():
+    # classic instance, capacity 10: 5 and 4 open row 0, the 3s, 2s go to row 1, the 1 fills row 0
+    offsets, items = pack_bfd(np.array([5, 4, 3, 3, 2, 2, 1]), 10, seed=0)
+    rows = [sorted(items[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    assert rows == [[0, 1, 6], [2, 3, 4, 5]]
+    # deterministic in the seed; ties are broken by it, never the packing quality
+    assert [x.tolist() for x in pack_bfd(np.array([2, 2, 2, 2]), 4, seed=3)] == \
+        [x.tolist() for x in pack_bfd(np.array([2, 2, 2, 2]), 4, seed=3)]
+    with pytest.raises(ValueError, match="an example has 5 tokens, more than max_length=4"):
+        pack_bfd(np.array([5]), 4)
+
+
+def test_pack_rows_whole_examples_positions_labels():
     rows = [([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9]), ([10, 11], [10, 11])]
-    packed, pos = pack_rows(rows, 4)
-    assert [ids for ids, _ in packed] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
-    # the second example (6 tokens) starts at the end of row 0 and continues: positions continue
-    assert pos == [[0, 1, 2, 0], [1, 2, 3, 4], [5, 0, 1]]
+    packed, pos = pack_rows(rows, 5)
+    # the 6-token example is cut at max_length (like unpacked rows); best fit decreasing puts it
+    # alone, then the 3- and 2-token examples together; nothing is split
+    assert [ids for ids, _ in packed] == [[4, 5, 6, 7, 8], [1, 2, 3, 10, 11]]
+    assert pos == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
     # every example's first token is not a target (it would be predicted from the previous example)
-    assert [lab for _, lab in packed] == [[-100, 2, 3, -100], [5, 6, 7, 8], [9, -100, 11]]
-    # a trailing single-token row (nothing to predict) is dropped, positions stay parallel
-    packed, pos = pack_rows([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])], 4)
-    assert [ids for ids, _ in packed] == [[1, 2, 3, 4]] and pos == [[0, 1, 2, 0]]
+    assert [lab for _, lab in packed] == [[-100, 5, 6, 7, 8], [-100, 2, 3, -100, 11]]
     with pytest.raises(ValueError, match="max_length must be an int >= 2, got 1"):
         pack_rows(rows, 1)
     with pytest.raises(ValueError, match=r"rows\[0\] has 2 input ids but 1 labels"):
@@ -126,59 +148,23 @@ def test_pack_rows_positions_labels_and_split():
 
 
 def test_encoded_domain_positions_and_trained_token_count():
-    """(b) labels at example starts are -100, and the trained-token count is the unpacked one
-    minus what the boundary rule removes (checked against an independent count)."""
+    """Labels at example starts are -100, positions restart there, and the trained-token count is
+    each example's own (cut at max_length, as unpacked): packing loses no target."""
     tok = load_tokenizer("byte")
     recs = _records() * 3
     d = encode_domains([Domain("d", recs, dev=recs[:4])], tok, max_length=MAX_LEN, train_on_prompt=True,
                        packing=True)[0]
-    assert d.train_positions is not None and len(d.train_positions) == len(d.train)
-    full = _full(tok, recs, train_on_prompt=True)
-    stream_lab = [x for _, lab in full for x in lab]
-    first = set()  # stream offsets of example starts
-    off = 0
-    for ids, _ in full:
-        first.add(off)
-        off += len(ids)
-
-    def trained(rows):
-        return sum(1 for _, lab in rows for x in lab[1:] if x != IGNORE_INDEX)
-
-    off, mid_row_starts, cut_losses = 0, 0, 0
+    u = encode_domains([Domain("d", recs, dev=recs[:4])], tok, max_length=MAX_LEN, train_on_prompt=True)[0]
+    assert d.train_positions is not None and len(d.train_positions) == len(d.train) < len(recs)
     for (ids, lab), pos in zip(d.train, d.train_positions):
-        for t in range(len(ids)):
-            assert (pos[t] == 0) == (off + t in first)  # positions restart exactly at example starts
-            if off + t in first:
-                assert lab[t] == IGNORE_INDEX
-                if t > 0 and stream_lab[off + t] != IGNORE_INDEX:
-                    mid_row_starts += 1
-            else:
-                assert lab[t] == stream_lab[off + t]
-        if off not in first and stream_lab[off] != IGNORE_INDEX:
-            cut_losses += 1  # a row cut inside an example: its first token predicts from nothing
-        off += len(ids)
-    # the boundary rule really removes targets here (train_on_prompt: <bos> is trained), and some
-    # example is split over rows
-    assert mid_row_starts > 0 and cut_losses > 0
-    # vs the previous (non-varlen) packing of the same stream: exactly the example-start targets fewer
-    old = [(None, stream_lab[i:i + MAX_LEN]) for i in range(0, len(stream_lab), MAX_LEN) if len(stream_lab) - i > 1]
-    assert trained(d.train) == trained(old) - mid_row_starts
-    # vs each example trained alone (untruncated): only the targets at row cuts inside an example are lost
-    assert trained(d.train) == trained(full) - cut_losses
+        assert len(ids) <= MAX_LEN
+        assert all(lab[t] == IGNORE_INDEX for t in range(len(ids)) if pos[t] == 0)
+    assert int(d.train_label_counts().sum()) == int(u.train_label_counts().sum())
+    assert d.train_label_counts().tolist() == [int((np.asarray(lab[1:]) != IGNORE_INDEX).sum()) for _, lab in d.train]
+    assert d.truncated == u.truncated == 3  # the long chat record, once per copy
     # dev is never packed
-    assert d.dev == encode_records(tok, recs[:4], max_length=MAX_LEN, train_on_prompt=True)
-
-
-def test_packing_warns_about_split_examples(caplog):
-    tok = load_tokenizer("byte")
-    with caplog.at_level("WARNING", logger="mixtrain"):
-        encode_domains([Domain("d", _records())], tok, max_length=MAX_LEN, packing=True)
-        encode_domains([Domain("short", _records()[:3])], tok, max_length=MAX_LEN, packing=True)
-    msgs = [r.getMessage() for r in caplog.records]
-    n = len(_full(tok, _records()[5:6])[0][0])
-    want = (f"domain 'd': packing splits 1 example(s) longer than max_length={MAX_LEN} over rows "
-            f"(longest {n} tokens: position ids up to {n - 1}); raise data.max_length to keep them whole")
-    assert msgs == [want]
+    assert [(list(a), list(b)) for a, b in d.dev] == encode_records(tok, recs[:4], max_length=MAX_LEN,
+                                                                     train_on_prompt=True)
 
 
 def test_collate_position_ids_only_when_given():
@@ -229,13 +215,13 @@ def test_packed_rows_match_examples_run_alone(impl):
     recs, d = _packed(tok)
     model = _model(impl, tok.vocab_size)
     want = _oracle_token_loss(model, tok, recs, d)
-    assert len(d.train) >= 3 and any(len(_segments(p)) >= 3 for p in d.train_positions)
+    assert len(d.train) >= 3 and any(len(_segments(list(p))) >= 3 for p in d.train_positions)
     with torch.no_grad():
         for i, (row, pos) in enumerate(zip(d.train, d.train_positions)):
             b = collate([row], [0], tok.pad_token_id, position_ids=[pos])
             got = _loss(model, b)[0]
             torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-6)
-            if len(_segments(pos)) > 1:
+            if len(_segments(list(pos))) > 1:
                 b.pop("position_ids")  # the old packing: attention spans the examples
                 assert (_loss(model, b)[0] - want[i]).abs().max() > 1e-3
 
@@ -251,11 +237,12 @@ def test_loss_model_threads_position_ids():
     want = _oracle_token_loss(model, tok, recs, d)
     wrapper = LossModel(model, 1)
     wrapper.return_token_loss = True
-    b = collate(d.train[:1], [0], tok.pad_token_id, position_ids=d.train_positions[:1])
+    r = _multi(d)
+    b = collate([d.train[r]], [0], tok.pad_token_id, position_ids=[d.train_positions[r]])
     with torch.no_grad():
-        torch.testing.assert_close(wrapper(**b)["token_loss"][0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wrapper(**b)["token_loss"][0], want[r], rtol=1e-5, atol=1e-6)
         b.pop("position_ids")
-        assert (wrapper(**b)["token_loss"][0] - want[0]).abs().max() > 1e-3
+        assert (wrapper(**b)["token_loss"][0] - want[r]).abs().max() > 1e-3
 
 
 def test_hf_logits_path_matches_oracle():
@@ -265,14 +252,15 @@ def test_hf_logits_path_matches_oracle():
     recs, d = _packed(tok)
     model = _model("sdpa", tok.vocab_size)
     want = _oracle_token_loss(model, tok, recs, d)
-    row, pos = d.train[0], d.train_positions[0]
+    r = _multi(d)
+    row, pos = d.train[r], d.train_positions[r]
     b = collate([row], [0], tok.pad_token_id, position_ids=[pos])
     with torch.no_grad():
         for kw in (packed_attention_inputs(model, b["attention_mask"], b["position_ids"]),
                    {"position_ids": b["position_ids"]}):  # attention_mask=None: transformers' detection
             logits = model(input_ids=b["input_ids"], **kw).logits[0]
             got = torch.nn.functional.cross_entropy(logits[:-1], b["labels"][0, 1:], reduction="none")
-            ok = torch.allclose(got, want[0], rtol=1e-5, atol=1e-6)
+            ok = torch.allclose(got, want[r], rtol=1e-5, atol=1e-6)
             assert ok == ("attention_mask" in kw)
 
 
@@ -302,8 +290,8 @@ def test_padded_batch_of_packed_rows_matches_rows_alone():
 
 def test_flash_varlen_boundaries_match_oracle():
     """The flash-attention route (attention_mask=None + cu_seq_lens over the flattened batch)
-    through a registered pure-torch varlen attention: a padded batch with a row that continues
-    an example gives the oracle's losses (the GPU kernel itself is not run here)."""
+    through a registered pure-torch varlen attention: a padded batch with a row of three or more
+    examples gives the oracle's losses (the GPU kernel itself is not run here)."""
     from transformers import AttentionInterface
 
     seen = {}
@@ -330,9 +318,9 @@ def test_flash_varlen_boundaries_match_oracle():
     model = _model("sdpa", tok.vocab_size)
     want = _oracle_token_loss(model, tok, recs, d)
     model.config._attn_implementation = "flash_varlen_probe"
-    cont = next(r for r, p in enumerate(d.train_positions) if p[0] != 0)  # a row continuing an example
+    cont = next(r for r, p in enumerate(d.train_positions) if len(_segments(list(p))) >= 3)  # 3+ examples
     last = len(d.train) - 1
-    assert cont != last
+    assert cont != last and len(d.train[last][0]) < len(d.train[cont][0])  # padded in the batch
     with torch.no_grad():
         got = _loss(model, collate([d.train[cont], d.train[last]], [0, 0], tok.pad_token_id,
                                    position_ids=[d.train_positions[cont], d.train_positions[last]]))
@@ -361,7 +349,7 @@ def test_hf_collator_packs_for_the_model():
     b = cb.collator(items)
     assert b["attention_mask"].dim() == 4 and "domain_ids" not in b
     want = _oracle_token_loss(model, tok, recs, ds.domains[0])
-    rows = {tuple(ids): i for i, (ids, _) in enumerate(ds.domains[0].train)}
+    rows = {tuple(int(t) for t in ids): i for i, (ids, _) in enumerate(ds.domains[0].train)}
     with torch.no_grad():
         logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
     for k, x in enumerate(items):
@@ -379,7 +367,7 @@ def test_existing_packing_data_path_stays_row_compatible():
     d = encode_domains([Domain("lego", generate("lego_2", 12, 0))], tok, max_length=64, packing=True)[0]
     for ids, lab in d.train:
         assert len(ids) == len(lab) <= 64
-    assert d.train_positions[0][0] == 0 and sum(p.count(0) for p in d.train_positions) == 12
+    assert d.train_positions[0][0] == 0 and sum(int((p == 0).sum()) for p in d.train_positions) == 12
     assert encode_domains([Domain("lego", generate("lego_2", 12, 0))], tok, max_length=64)[0].train_positions is None
 
 
@@ -391,8 +379,8 @@ def test_train_cli_with_packing(tmp_path):
         "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                              "max_position_embeddings": 1024}, "tokenizer": "byte"},
-        "data": {"builtin": ["math", "lego_1", "addition_1"], "builtin_size": 40, "max_length": 128,
-                 "packing": True},
+        "data": {"builtin": ["math", "lego_1", "addition_1"], "builtin_size": 40, "max_length": 320,
+                 "packing": True, "cache_dir": str(tmp_path / "cache")},
         "mixing": {"policy": "uniform"},
         "train": {"steps": 2, "micro_batch_size": 2, "grad_accum": 1, "lr": 3e-3, "warmup": 0,
                   "eval_every": 2, "log_every": 1, "seed": 0, "progress": False, "threads": 1},
