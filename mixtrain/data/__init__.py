@@ -14,7 +14,15 @@ from .builtin import BUILTIN_DOMAINS, builtin_domains, generate
 from .cache import CachedDomain, prepare_domains
 from .collate import collate, collate_examples, packed_attention_inputs
 from .domains import DomainSpec, domain_specs, load_domains
-from .packing import EncodedDomain, Rows, encode_domains, encode_records, pack_rows, report_truncation, rows_of
+from .packing import (
+    EncodedDomain,
+    Rows,
+    encode_domains,
+    encode_records,
+    pack_rows,
+    report_truncation,
+    rows_of,
+)
 from .sources import DataError, Domain, Record, load_path, normalize_record, read_jsonl
 from .tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, encode_batch, encode_messages, load_tokenizer
 

@@ -50,7 +50,14 @@ import numpy as np
 
 from .domains import DomainSpec
 from .sources import Chunk, DataError, Record, normalize_chunk, split_dev_indices
-from .tokenizer import ByteTokenizer, EncodedBatch, HFTokenizer, encode_batch, load_tokenizer, tokenizer_identity
+from .tokenizer import (
+    ByteTokenizer,
+    EncodedBatch,
+    HFTokenizer,
+    encode_batch,
+    load_tokenizer,
+    tokenizer_identity,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -266,10 +273,10 @@ class CachedDomain:
         part, idx = self.train
         flags = np.asarray(part.flags)[idx]
         return {
-            "rows": int(len(idx)), "tokens": int(part.lengths[idx].sum()) if len(idx) else 0,
+            "rows": len(idx), "tokens": int(part.lengths[idx].sum()) if len(idx) else 0,
             "truncated": int(((flags & FLAG_CUT) != 0).sum()),
             "prompt_too_long": int(((flags & FLAG_NO_TARGET) != 0).sum()),
-            "dev_rows": int(len(self.dev[1])),
+            "dev_rows": len(self.dev[1]),
         }
 
 

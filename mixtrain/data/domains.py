@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .builtin import GENERATOR_VERSION, builtin_size_for, expand_builtin, generate
-from .sources import Chunk, DataError, Domain, check_fields, iter_chunks, normalize_chunk, source_files, split_dev
+from .sources import (
+    Chunk,
+    DataError,
+    Domain,
+    check_fields,
+    iter_chunks,
+    normalize_chunk,
+    source_files,
+    split_dev,
+)
 
 __all__ = ["DomainSpec", "domain_specs", "load_domains"]
 

@@ -264,7 +264,7 @@ def _lines(f: Any, path: Path) -> Iterable[tuple[int, bytes, bool]]:
 
 def _open_jsonl(path: Path) -> Any:
     try:
-        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
 

@@ -14,6 +14,7 @@ Labels are ``-100`` on everything except assistant turns (and their end-of-turn 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import numpy as np
 
 __all__ = [
     "BYTE_TOKENIZER_FILE",
-    "EncodedBatch",
     "IGNORE_INDEX",
     "ByteTokenizer",
+    "EncodedBatch",
     "HFTokenizer",
     "Tokenizer",
     "encode_batch",
@@ -305,17 +306,13 @@ def _byte_encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-class _ChatSpans:
-    """Chat-template records rendered as text (the template rendered for many records in one call),
-    tokenised in one batch, and labelled by character spans. This is exactly :func:`encode_messages`
-    (which tokenises the rendered prefixes one record at a time) whenever the tokens of each rendered
-    prefix are a prefix of the tokens of the whole conversation, as for every template that closes
-    turns with special tokens; :func:`encode_batch` checks the text side of that and encodes any
-    record for which it fails with :func:`encode_messages` itself."""
+class _ChatRenders:
+    """The texts :func:`encode_messages` renders for chat-template records (for many records per
+    template call): per assistant turn ``i`` the conversation up to it with the generation prompt
+    and the conversation through it, and the whole conversation."""
 
     def __init__(self, tok: HFTokenizer) -> None:
         self.tok = tok
-        self.eot = tok.tok.convert_ids_to_tokens(tok.end_of_turn_id)
 
     def _render(self, convs: list[list[Message]], gen: bool) -> list[str | None]:
         if not convs:
@@ -331,36 +328,37 @@ class _ChatSpans:
                     out.append(None)
             return out
 
-    def spans(self, convs: list[list[Message]]) -> list[tuple[str, list[tuple[int, int]]] | None]:
-        """Per conversation: the full text and the character spans trained on (``None``: not
-        prefix-stable as text, or refused by the template)."""
+    def texts(self, convs: list[list[Message]]) -> list[tuple[list[str], list[str], str] | None]:
+        """Per conversation ``(prefixes, fulls, whole)`` (``None``: the template refused a part)."""
         prefix_req: list[list[Message]] = []
         full_req: list[list[Message]] = []
         plan = []
         for msgs in convs:
             turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-            plan.append((turns, len(prefix_req), len(full_req)))
+            plan.append((len(turns), len(prefix_req), len(full_req)))
             prefix_req += [msgs[:i] for i in turns]
-            full_req += [msgs[: i + 1] for i in turns]
-            if msgs[-1]["role"] != "assistant":
-                full_req.append(msgs)
+            full_req += [msgs[: i + 1] for i in turns] + [msgs]
         prefixes, fulls = self._render(prefix_req, True), self._render(full_req, False)
-        out: list[tuple[str, list[tuple[int, int]]] | None] = []
-        for msgs, (turns, p0, f0) in zip(convs, plan):
-            spans: list[tuple[int, int]] = []
-            ok = True
-            full_i: str | None = ""
-            for k in range(len(turns)):
-                prefix, full_i = prefixes[p0 + k], fulls[f0 + k]
-                if prefix is None or full_i is None or not full_i.startswith(prefix):
-                    ok = False
-                    break
-                end = full_i.find(self.eot, len(prefix)) if self.eot else -1
-                spans.append((len(prefix), end + len(self.eot) if end >= 0 else len(full_i)))
-            text = fulls[f0 + len(turns)] if ok and msgs[-1]["role"] != "assistant" else full_i
-            ok = ok and text is not None and full_i is not None and text.startswith(full_i)
-            out.append((text, spans) if ok else None)  # type: ignore[arg-type]
+        out: list[tuple[list[str], list[str], str] | None] = []
+        for n, p0, f0 in plan:
+            p, f = prefixes[p0:p0 + n], fulls[f0:f0 + n + 1]
+            out.append(None if any(x is None for x in p + f) else (p, f[:n], f[n]))  # type: ignore[arg-type]
         return out
+
+
+def _chat_pieces(prefixes: list[list[int]], fulls: list[list[int]], whole: list[int],
+                 eot: int) -> list[tuple[Sequence[int], bool]]:
+    """:func:`encode_messages`' assembly of a chat record from the token ids of its rendered texts."""
+    out: list[tuple[Sequence[int], bool]] = []
+    prev: list[int] = []
+    for prefix, full in zip(prefixes, fulls):
+        reply = full[len(prefix):]
+        end = reply.index(eot) + 1 if eot in reply else len(reply)
+        out += [(prefix[len(prev):], False), (reply[:end], True), (reply[end:], False)]
+        prev = full
+    if len(prev) < len(whole):
+        out.append((whole[len(prev):], False))
+    return out
 
 
 def _plain_encoder(tok: HFTokenizer, records: Sequence[Any], backend: Any, chat: bool) -> Any:
@@ -389,7 +387,9 @@ def encode_batch(
 ) -> EncodedBatch:
     """Encode many records (:class:`~mixtrain.data.sources.Record` s) at once; the result equals
     :func:`encode_messages` applied to each record (tested on the real tokenizer), only faster:
-    bytes via numpy, HF tokenizers through one call of the fast (Rust) tokenizer per batch."""
+    bytes via numpy; HF tokenizers render every chat of the batch with one template call and
+    tokenise every distinct rendered text with one call of the fast (Rust) tokenizer, then
+    assemble each record exactly as :func:`encode_messages` does."""
     if isinstance(tok, ByteTokenizer):
         return _assemble([_pieces_plain(tok, r.messages, r.plain_text, _byte_encode) for r in records],
                          max_length, train_on_prompt)
@@ -403,29 +403,25 @@ def encode_batch(
         return _assemble([_pieces_plain(tok, r.messages, r.plain_text, encode) for r in records],
                          max_length, train_on_prompt)
     pieces: list[Any] = [None] * len(records)
-    texts, owners, all_spans = [], [], []
     chat_idx = [i for i, r in enumerate(records) if not r.plain_text]
-    rendered = dict(zip(chat_idx, _ChatSpans(tok).spans([records[i].as_messages() for i in chat_idx])))
+    rendered = _ChatRenders(tok).texts([records[i].as_messages() for i in chat_idx])
+    unique: dict[str, list[int]] = {}
+    for got in rendered:
+        if got is not None:
+            for t in (*got[0], *got[1], got[2]):
+                unique.setdefault(t, [])
+    keys = list(unique)
+    for k, enc in zip(keys, backend.encode_batch(keys, add_special_tokens=False) if keys else []):
+        unique[k] = enc.ids
+    for i, got in zip(chat_idx, rendered):
+        if got is None:  # encode_messages raises the template's own error
+            encode_messages(tok, records[i].as_messages(), max_length=max_length, train_on_prompt=train_on_prompt)
+            raise ValueError(f"chat template refused record {i}")
+        pieces[i] = _chat_pieces([unique[t] for t in got[0]], [unique[t] for t in got[1]], unique[got[2]],
+                                 tok.end_of_turn_id)
     for i, r in enumerate(records):
         if r.plain_text:
             pieces[i] = _pieces_plain(tok, r.messages, True, encode)
-            continue
-        got = rendered[i]
-        if got is None:
-            ids, labels = encode_messages(tok, r.as_messages(), max_length=1 << 30, train_on_prompt=train_on_prompt)
-            pieces[i] = _row_pieces(ids, labels)
-            continue
-        texts.append(got[0])
-        owners.append(i)
-        all_spans.append(got[1])
-    for i, enc, spans in zip(owners, backend.encode_batch(texts, add_special_tokens=False) if texts else [],
-                             all_spans):
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(ids))
-        trained = np.zeros(len(ids), dtype=bool)
-        for a, b in spans:
-            trained |= (starts >= a) & (starts < b)
-        pieces[i] = _mask_pieces(ids, trained)
     return _assemble(pieces, max_length, train_on_prompt)
 
 
@@ -440,7 +436,7 @@ def _mask_pieces(ids: np.ndarray, trained: np.ndarray) -> list[tuple[Sequence[in
         return []
     cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
     bounds = [0, *cuts.tolist(), len(ids)]
-    return [(ids[a:b], bool(trained[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(ids[a:b], bool(trained[a])) for a, b in itertools.pairwise(bounds)]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",

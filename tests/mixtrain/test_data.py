@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 
@@ -189,8 +190,8 @@ def test_packing_keeps_every_example_whole():
     for (ids, lab), pos in zip(enc.train, enc.train_positions):
         assert len(ids) <= 120 and len(pos) == len(ids)
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
-        assert list(pos) == [i for a, b in zip(starts, starts[1:]) for i in range(b - a)]
-        for a, b in zip(starts, starts[1:]):
+        assert list(pos) == [i for a, b in itertools.pairwise(starts) for i in range(b - a)]
+        for a, b in itertools.pairwise(starts):
             pieces.append((tuple(ids[a:b]), tuple(lab[a:b])))
     expect = sorted((tuple(i), (-100, *l[1:])) for i, l in full)
     assert sorted(pieces) == expect

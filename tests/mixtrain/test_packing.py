@@ -123,7 +123,7 @@ def _loss(model, batch) -> torch.Tensor:
 def test_pack_bfd_hand_cases():
     # classic instance, capacity 10: 5 and 4 open row 0, the 3s, 2s go to row 1, the 1 fills row 0
     offsets, items = pack_bfd(np.array([5, 4, 3, 3, 2, 2, 1]), 10, seed=0)
-    rows = [sorted(items[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    rows = [sorted(items[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
     assert rows == [[0, 1, 6], [2, 3, 4, 5]]
     # deterministic in the seed; ties are broken by it, never the packing quality
     assert [x.tolist() for x in pack_bfd(np.array([2, 2, 2, 2]), 4, seed=3)] == \
