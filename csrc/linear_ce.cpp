@@ -1,9 +1,11 @@
 // linear_ce / cross_entropy, C++ CPU kernels and the device-agnostic chunk driver.
 //
-//   logits_c = h_c W^T (+ b)          ATen GEMM (MKL/oneDNN), fp32 (fp64 for fp64 inputs)
-//   fused per-row step (this file)    max, sum z, sum exp -> lse, token loss, group sums, and
-//                                     in place the gradient dz = c (softmax - target)
-//   dh_c = dz W,  dW += dz^T h_c      ATen GEMMs (only when the forward computes the gradients)
+//   u_c = s (h_c W^T (+ b))           ATen GEMM (MKL/oneDNN), fp32 (fp64 for fp64 inputs); the
+//                                     logit scale s rides on the GEMM's alpha/beta (free)
+//   fused per-row step (this file)    softcap (optional), max, sum z, sum exp -> lse, token loss,
+//                                     z-loss, group sums, and in place the gradient
+//                                     du = c s (softmax * (1 + 2 lam lse) - target) * softcap'
+//   dh_c = du W,  dW += du^T h_c      ATen GEMMs (only when the forward computes the gradients)
 // Shapes: hidden [N, d], weight [V, d], labels [N] int64, group_ids [N] int64, chunk of R rows.
 //
 // Parallelism: chunks run one after another, each GEMM uses every ATen thread, and the fused
@@ -76,15 +78,47 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const at::
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// u = scale * (h W^T (+ b)); the scale goes into the GEMM (alpha, and beta for the bias).
+at::Tensor chunk_logits(const at::Tensor& hc, const at::Tensor& wg, const at::Tensor& bg, double scale) {
+  if (bg.defined()) return scale == 1.0 ? at::addmm(bg, hc, wg.t()) : at::addmm(bg, hc, wg.t(), scale, scale);
+  if (scale == 1.0) return at::mm(hc, wg.t());
+  return at::empty({hc.size(0), wg.size(0)}, hc.options()).addmm_(hc, wg.t(), /*beta=*/0, /*alpha=*/scale);
+}
+
+// (loss, token_loss output, z_loss output) from the per-token CE and z-loss (zl undefined: off).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_losses(const at::Tensor& token_loss, const at::Tensor& zl,
+                                                             const at::Tensor& scale, int64_t reduction) {
+  // custom ops may not return aliases of one another: a fresh empty tensor per output
+  auto empty = [&] { return at::empty({0}, token_loss.options()); };
+  if (!zl.defined()) {
+    if (reduction == 0) return {token_loss, empty(), empty()};
+    return {token_loss.sum().mul_(scale), token_loss, empty()};
+  }
+  if (reduction == 0) return {token_loss + zl, token_loss, zl};
+  at::Tensor z_out = zl.sum().mul_(scale);
+  return {token_loss.sum().mul_(scale).add_(z_out), token_loss, z_out};
+}
+
 }  // namespace
+
+void check_loss_options(const LossOptions& o, const char* op) {
+  TORCH_CHECK(std::isfinite(o.softcap) && o.softcap >= 0.0, "mixkernels.", op,
+              ": softcap must be 0 (off) or a finite float > 0, got ", o.softcap);
+  TORCH_CHECK(std::isfinite(o.logit_scale) && o.logit_scale > 0.0, "mixkernels.", op,
+              ": logit_scale must be a finite float > 0, got ", o.logit_scale);
+  TORCH_CHECK(std::isfinite(o.z_loss) && o.z_loss >= 0.0, "mixkernels.", op,
+              ": z_loss must be a finite float >= 0, got ", o.z_loss);
+}
 
 // ---- chunk drivers (device-agnostic ATen code; the fused step comes from CeKernels) ----------
 
 LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                              int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                             int64_t chunk_size, bool compute_grad, bool weight_grad, const CeKernels& k) {
+                             int64_t chunk_size, bool compute_grad, bool weight_grad, const LossOptions& o,
+                             const CeKernels& k) {
   check_linear(hidden, weight, labels, bias);
+  check_loss_options(o, "linear_cross_entropy");
   check_groups(group_ids, num_groups, hidden.size(0), hidden);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "mixkernels.linear_cross_entropy: reduction code must be 0 (none), ",
               "1 (sum) or 2 (mean), got ", reduction);
@@ -109,7 +143,10 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
   at::Tensor group_cnt = at::zeros({g}, hidden.options().dtype(at::kLong));
   const at::Tensor wg = weight.to(gemm);
   const at::Tensor bg = bias.has_value() ? bias->to(gemm) : at::Tensor();
-  const at::Tensor coef = grads ? at::where(valid, scale, at::zeros({}, fopt)) : at::Tensor();
+  // the kernels return d/du; times logit_scale (folded into coef) that is d/d(h W^T + b)
+  const at::Tensor coef = grads ? at::where(valid, scale, at::zeros({}, fopt)).mul_(o.logit_scale) : at::Tensor();
+  at::Tensor zl = o.z_loss != 0.0 ? at::empty({n}, fopt) : at::Tensor();
+  const CeParams params{ignore_index, label_smoothing, o.softcap, o.z_loss};
   at::Tensor grad_hidden = grads ? at::empty({n, d}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor gw_acc = wgrad ? at::zeros({v, d}, fopt) : at::Tensor();
   at::Tensor gb_acc = wgrad && bias.has_value() ? at::zeros({v}, fopt) : at::Tensor();
@@ -117,15 +154,15 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
   for (int64_t lo = 0; lo < n; lo += chunk_size) {
     const int64_t r = std::min(chunk_size, n - lo);
     const at::Tensor hc = hidden.narrow(0, lo, r).to(gemm);
-    at::Tensor z = bg.defined() ? at::addmm(bg, hc, wg.t()) : at::mm(hc, wg.t());
+    at::Tensor z = chunk_logits(hc, wg, bg, o.logit_scale);
     if (z.scalar_type() != acc) z = z.to(acc);
     z = z.contiguous();
     at::Tensor lse_c = lse.narrow(0, lo, r);
     at::Tensor loss_c = token_loss.narrow(0, lo, r);
+    at::Tensor zl_c = zl.defined() ? zl.narrow(0, lo, r) : at::Tensor();
     const at::Tensor coef_c = grads ? coef.narrow(0, lo, r) : at::Tensor();
     const at::Tensor gid_c = gids.defined() ? gids.narrow(0, lo, r) : at::Tensor();
-    k.forward(z, y.narrow(0, lo, r), ignore_index, label_smoothing, coef_c, lse_c, loss_c, gid_c, group_acc, group_cnt,
-              lo);
+    k.forward(z, y.narrow(0, lo, r), params, coef_c, lse_c, loss_c, zl_c, gid_c, group_acc, group_cnt, lo);
     if (!grads) continue;
     const at::Tensor dz = z.scalar_type() == gemm ? z : z.to(gemm);
     at::Tensor gh_c = grad_hidden.narrow(0, lo, r);
@@ -143,18 +180,18 @@ LinearCeOut linear_ce_driver(const at::Tensor& hidden, const at::Tensor& weight,
     if (gb_acc.defined()) gb_acc.add_(z.sum(0));
   }
 
-  at::Tensor loss = reduction == 0 ? token_loss : token_loss.sum().mul_(scale);
-  at::Tensor token_out = reduction == 0 ? at::empty({0}, fopt) : token_loss;
+  auto [loss, token_out, z_out] = reduce_losses(token_loss, zl, scale, reduction);
   at::Tensor grad_weight = wgrad ? gw_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor grad_bias = gb_acc.defined() ? gb_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
-  return {loss, token_out, lse, group_acc.to(acc), group_cnt, grad_hidden, grad_weight, grad_bias};
+  return {loss, token_out, lse, group_acc.to(acc), group_cnt, grad_hidden, grad_weight, grad_bias, z_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_driver(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
     const at::Tensor& lse, const at::Tensor& grad_token, int64_t ignore_index, double label_smoothing,
-    int64_t chunk_size, const CeKernels& k) {
+    int64_t chunk_size, const LossOptions& o, const CeKernels& k) {
   check_linear(hidden, weight, labels, bias);
+  check_loss_options(o, "linear_cross_entropy");
   const int64_t n = hidden.size(0), d = hidden.size(1), v = weight.size(0);
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "mixkernels.linear_cross_entropy backward: lse has shape ",
               lse.sizes(), " but hidden has ", n, " rows");
@@ -166,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_driver(
   const auto gemm = k.gemm_in_input_dtype ? hidden.scalar_type() : acc;
   const at::Tensor y = labels.contiguous();
   const at::Tensor lse_a = lse.to(acc).contiguous();
-  const at::Tensor coef = grad_token.to(acc).contiguous();
+  const at::Tensor coef = grad_token.to(acc).mul(o.logit_scale).contiguous();
+  const CeParams params{ignore_index, label_smoothing, o.softcap, o.z_loss};
   const at::Tensor wg = weight.to(gemm);
   const at::Tensor bg = bias.has_value() ? bias->to(gemm) : at::Tensor();
   at::Tensor grad_hidden = at::empty({n, d}, hidden.options());
@@ -175,10 +213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_driver(
   for (int64_t lo = 0; lo < n; lo += chunk_size) {
     const int64_t r = std::min(chunk_size, n - lo);
     const at::Tensor hc = hidden.narrow(0, lo, r).to(gemm);
-    at::Tensor z = bg.defined() ? at::addmm(bg, hc, wg.t()) : at::mm(hc, wg.t());
+    at::Tensor z = chunk_logits(hc, wg, bg, o.logit_scale);
     if (z.scalar_type() != acc) z = z.to(acc);
     z = z.contiguous();
-    k.grad(z, y.narrow(0, lo, r), ignore_index, label_smoothing, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
+    k.grad(z, y.narrow(0, lo, r), params, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
     const at::Tensor dz = z.scalar_type() == gemm ? z : z.to(gemm);
     at::Tensor gh_c = grad_hidden.narrow(0, lo, r);
     if (gemm == hidden.scalar_type()) {
@@ -217,8 +255,9 @@ int64_t ce_rows_per_chunk(int64_t v) { return std::max<int64_t>(1, (int64_t{1} <
 
 CeOut cross_entropy_driver(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& group_ids,
                            int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                           const CeKernels& k) {
+                           const LossOptions& o, const CeKernels& k) {
   check_logits(logits, labels);
+  check_loss_options(o, "cross_entropy");
   check_groups(group_ids, num_groups, logits.size(0), logits);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "mixkernels.cross_entropy: reduction code must be 0, 1 or 2, got ",
               reduction);
@@ -234,43 +273,53 @@ CeOut cross_entropy_driver(const at::Tensor& logits, const at::Tensor& labels, c
   const int64_t g = gids.defined() ? num_groups : 0;
   at::Tensor group_acc = at::zeros({g}, logits.options().dtype(at::kDouble));
   at::Tensor group_cnt = at::zeros({g}, logits.options().dtype(at::kLong));
+  at::Tensor zl = o.z_loss != 0.0 ? at::empty({n}, fopt) : at::Tensor();
+  const CeParams params{ignore_index, label_smoothing, o.softcap, o.z_loss};
+  const bool transform = o.softcap > 0.0 || o.logit_scale != 1.0;
   const at::Tensor z_all = logits.contiguous();
   const int64_t step = ce_rows_per_chunk(v);
   for (int64_t lo = 0; lo < n; lo += step) {
     const int64_t r = std::min(step, n - lo);
-    // Without coef the forward step only reads z, so acc-dtype logits are used in place.
-    at::Tensor z = z_all.narrow(0, lo, r).to(acc);
+    // Without coef and softcap the forward step only reads z, so acc-dtype logits are used in
+    // place; the softcap may overwrite the chunk, so then it is a copy (the scaled logits).
+    const at::Tensor zc = z_all.narrow(0, lo, r);
+    at::Tensor z = transform ? zc.to(acc).mul(o.logit_scale) : zc.to(acc);
     at::Tensor lse_c = lse.narrow(0, lo, r);
     at::Tensor loss_c = token_loss.narrow(0, lo, r);
+    at::Tensor zl_c = zl.defined() ? zl.narrow(0, lo, r) : at::Tensor();
     at::Tensor group_c = gids.defined() ? gids.narrow(0, lo, r) : at::Tensor();
-    k.forward(z, y.narrow(0, lo, r), ignore_index, label_smoothing, at::Tensor(), lse_c, loss_c, group_c, group_acc,
-              group_cnt, lo);
+    k.forward(z, y.narrow(0, lo, r), params, at::Tensor(), lse_c, loss_c, zl_c, group_c, group_acc, group_cnt, lo);
   }
-  at::Tensor loss = reduction == 0 ? token_loss : token_loss.sum().mul_(scale);
-  at::Tensor token_out = reduction == 0 ? at::empty({0}, fopt) : token_loss;
-  return {loss, token_out, lse, group_acc.to(acc), group_cnt};
+  auto [loss, token_out, z_out] = reduce_losses(token_loss, zl, scale, reduction);
+  return {loss, token_out, lse, group_acc.to(acc), group_cnt, z_out};
 }
 
 at::Tensor cross_entropy_backward_driver(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                          const at::Tensor& grad_token, int64_t ignore_index, double label_smoothing,
-                                         const CeKernels& k) {
+                                         const LossOptions& o, const CeKernels& k) {
   check_logits(logits, labels);
+  check_loss_options(o, "cross_entropy");
   const int64_t n = logits.size(0), v = logits.size(1);
   const auto acc = acc_type(logits.scalar_type());
   const at::Tensor y = labels.contiguous();
   const at::Tensor lse_a = lse.to(acc).contiguous();
-  const at::Tensor coef = grad_token.to(acc).contiguous();
+  const at::Tensor coef = grad_token.to(acc).mul(o.logit_scale).contiguous();
+  const CeParams params{ignore_index, label_smoothing, o.softcap, o.z_loss};
   at::Tensor grad = at::empty({n, v}, logits.options());
   const int64_t step = ce_rows_per_chunk(v);
   for (int64_t lo = 0; lo < n; lo += step) {
     const int64_t r = std::min(step, n - lo);
     at::Tensor out_c = grad.narrow(0, lo, r);
     if (logits.scalar_type() == acc) {  // compute straight in the output buffer
-      out_c.copy_(logits.narrow(0, lo, r));
-      k.grad(out_c, y.narrow(0, lo, r), ignore_index, label_smoothing, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
+      if (o.logit_scale != 1.0) {
+        at::mul_out(out_c, logits.narrow(0, lo, r), o.logit_scale);
+      } else {
+        out_c.copy_(logits.narrow(0, lo, r));
+      }
+      k.grad(out_c, y.narrow(0, lo, r), params, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
     } else {
-      at::Tensor z = logits.narrow(0, lo, r).to(acc).contiguous();
-      k.grad(z, y.narrow(0, lo, r), ignore_index, label_smoothing, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
+      at::Tensor z = logits.narrow(0, lo, r).to(acc).mul(o.logit_scale).contiguous();
+      k.grad(z, y.narrow(0, lo, r), params, lse_a.narrow(0, lo, r), coef.narrow(0, lo, r));
       out_c.copy_(z);
     }
   }
@@ -338,6 +387,38 @@ MK_CLONES void row_exp_affine_f32(float* z, int64_t v, float shift, float a, flo
   for (int64_t j = 0; j < v; ++j) z[j] = a * mk_expf(z[j] - shift) - b;
 }
 
+// Softcap rows. z_j <- C tanh(u_j / C) in place; returns the row max.
+MK_CLONES float row_softcap_max_f32(float* z, int64_t v, float cap, float inv_cap) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < v; ++j) {
+    const float t = ce_softcap(z[j], cap, inv_cap);
+    z[j] = t;
+    m = t > m ? t : m;
+  }
+  return m;
+}
+
+// z_j (final logits) <- (a exp(z_j - shift) - b) * softcap'(z_j)
+MK_CLONES void row_exp_affine_softcap_f32(float* z, int64_t v, float shift, float a, float b, float cap,
+                                          float inv_cap) {
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) {
+    const float x = z[j];
+    z[j] = (a * mk_expf(x - shift) - b) * ce_softcap_grad(x, cap, inv_cap);
+  }
+}
+
+// The same from scaled logits u (recompute-in-backward): the softcap and the gradient in one pass.
+MK_CLONES void row_softcap_exp_affine_f32(float* z, int64_t v, float shift, float a, float b, float cap,
+                                          float inv_cap) {
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) {
+    const float x = ce_softcap(z[j], cap, inv_cap);
+    z[j] = (a * mk_expf(x - shift) - b) * ce_softcap_grad(x, cap, inv_cap);
+  }
+}
+
 #ifdef MK_POP_OPTIONS
 #pragma GCC pop_options
 #endif
@@ -369,12 +450,36 @@ void row_affine(double* z, int64_t v, double a, double b) {
 void row_exp_affine(double* z, int64_t v, double shift, double a, double b) {
   for (int64_t j = 0; j < v; ++j) z[j] = a * std::exp(z[j] - shift) - b;
 }
+double row_softcap_max(double* z, int64_t v, double cap, double inv_cap) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < v; ++j) {
+    z[j] = ce_softcap(z[j], cap, inv_cap);
+    m = z[j] > m ? z[j] : m;
+  }
+  return m;
+}
+void row_exp_affine_softcap(double* z, int64_t v, double shift, double a, double b, double cap, double inv_cap) {
+  for (int64_t j = 0; j < v; ++j) z[j] = (a * std::exp(z[j] - shift) - b) * ce_softcap_grad(z[j], cap, inv_cap);
+}
+void row_softcap_exp_affine(double* z, int64_t v, double shift, double a, double b, double cap, double inv_cap) {
+  for (int64_t j = 0; j < v; ++j) {
+    const double x = ce_softcap(z[j], cap, inv_cap);
+    z[j] = (a * std::exp(x - shift) - b) * ce_softcap_grad(x, cap, inv_cap);
+  }
+}
 float row_max(const float* z, int64_t v) { return row_max_f32(z, v); }
 float row_sum(const float* z, int64_t v) { return row_sum_f32(z, v); }
 float row_exp_sum(const float* z, int64_t v, float m) { return row_exp_sum_f32(z, v, m); }
 float row_exp_store(float* z, int64_t v, float m) { return row_exp_store_f32(z, v, m); }
 void row_affine(float* z, int64_t v, float a, float b) { row_affine_f32(z, v, a, b); }
 void row_exp_affine(float* z, int64_t v, float s, float a, float b) { row_exp_affine_f32(z, v, s, a, b); }
+float row_softcap_max(float* z, int64_t v, float cap, float inv_cap) { return row_softcap_max_f32(z, v, cap, inv_cap); }
+void row_exp_affine_softcap(float* z, int64_t v, float s, float a, float b, float cap, float inv_cap) {
+  row_exp_affine_softcap_f32(z, v, s, a, b, cap, inv_cap);
+}
+void row_softcap_exp_affine(float* z, int64_t v, float s, float a, float b, float cap, float inv_cap) {
+  row_softcap_exp_affine_f32(z, v, s, a, b, cap, inv_cap);
+}
 
 // Keeps the smallest bad row index seen by any thread.
 void note_bad(std::atomic<int64_t>& bad, int64_t i) {
@@ -386,17 +491,23 @@ void note_bad(std::atomic<int64_t>& bad, int64_t i) {
 int64_t rows_grain(int64_t v) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)); }
 
 template <typename T>
-void forward_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, int64_t ignore_index, double eps_d,
-                      const at::Tensor& coef_t, at::Tensor& lse_t, at::Tensor& loss_t, const at::Tensor& groups,
+void forward_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, const CeParams& p, const at::Tensor& coef_t,
+                      at::Tensor& lse_t, at::Tensor& loss_t, at::Tensor& zl_t, const at::Tensor& groups,
                       at::Tensor& group_acc, at::Tensor& group_cnt, int64_t row_offset) {
   const int64_t r = z_t.size(0), v = z_t.size(1);
+  const int64_t ignore_index = p.ignore_index;
   T* z = z_t.data_ptr<T>();
   const int64_t* y = labels.data_ptr<int64_t>();
   const T* coef = coef_t.defined() ? coef_t.data_ptr<T>() : nullptr;
   T* lse = lse_t.data_ptr<T>();
   T* loss = loss_t.data_ptr<T>();
-  const T eps = static_cast<T>(eps_d);
+  T* zl = zl_t.defined() ? zl_t.data_ptr<T>() : nullptr;
+  const T eps = static_cast<T>(p.eps);
   const T inv_v = T(1) / static_cast<T>(v);
+  const T cap = static_cast<T>(p.softcap);
+  const T inv_cap = cap > T(0) ? T(1) / cap : T(0);
+  const bool capped = cap > T(0);
+  const T lam = static_cast<T>(p.z_loss);
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, r, rows_grain(v), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -406,24 +517,34 @@ void forward_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, int64_t ignore_
       if (counted && !ce_label_valid(label, v)) {
         note_bad(bad, i);
         lse[i] = loss[i] = T(0);
+        if (zl != nullptr) zl[i] = T(0);
         continue;
       }
-      const T m = row_max(row, v);
+      // with the softcap the row becomes the final logits z here (kept for the gradient)
+      const T m = capped ? row_softcap_max(row, v, cap, inv_cap) : row_max(row, v);
       const T sum_z = eps != T(0) ? row_sum(row, v) : T(0);
       const T z_y = counted ? row[label] : T(0);
       const T c = coef != nullptr ? coef[i] : T(0);
       const bool write = coef != nullptr;
-      const T s = (write && c != T(0)) ? row_exp_store(row, v, m) : row_exp_sum(row, v, m);
+      const bool store = write && c != T(0) && !capped;
+      const T s = store ? row_exp_store(row, v, m) : row_exp_sum(row, v, m);
       const T l = m + std::log(s);
       lse[i] = l;
       loss[i] = counted ? ce_token_loss<T>(l, z_y, sum_z, eps, v) : T(0);
+      if (zl != nullptr) zl[i] = counted ? ce_z_loss<T>(l, lam) : T(0);
       if (!write) continue;
       if (c == T(0)) {  // ignored token (or zero upstream gradient): no gradient
         std::fill(row, row + v, T(0));
         continue;
       }
+      const T pc = ce_prob_coef<T>(l, lam);
+      if (capped) {  // row holds z: du = (c pc exp(z - lse) - c eps / V - target) softcap'(z)
+        row_exp_affine_softcap(row, v, l, c * pc, c * eps * inv_v, cap, inv_cap);
+        if (counted) row[label] -= c * (T(1) - eps) * ce_softcap_grad<T>(z_y, cap, inv_cap);
+        continue;
+      }
       // row holds exp(z - m); softmax = that / s
-      row_affine(row, v, c / s, c * eps * inv_v);
+      row_affine(row, v, c * pc / s, c * eps * inv_v);
       if (counted) row[label] -= c * (T(1) - eps);
     }
   });
@@ -446,47 +567,57 @@ void forward_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, int64_t ignore_
 }
 
 template <typename T>
-void grad_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, int64_t ignore_index, double eps_d,
-                   const at::Tensor& lse_t, const at::Tensor& coef_t) {
+void grad_rows_cpu(at::Tensor& z_t, const at::Tensor& labels, const CeParams& p, const at::Tensor& lse_t,
+                   const at::Tensor& coef_t) {
   const int64_t r = z_t.size(0), v = z_t.size(1);
   T* z = z_t.data_ptr<T>();
   const int64_t* y = labels.data_ptr<int64_t>();
   const T* lse = lse_t.data_ptr<T>();
   const T* coef = coef_t.data_ptr<T>();
-  const T eps = static_cast<T>(eps_d);
+  const T eps = static_cast<T>(p.eps);
   const T inv_v = T(1) / static_cast<T>(v);
+  const T cap = static_cast<T>(p.softcap);
+  const T inv_cap = cap > T(0) ? T(1) / cap : T(0);
+  const T lam = static_cast<T>(p.z_loss);
   at::parallel_for(0, r, rows_grain(v), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = z + i * v;
       const int64_t label = y[i];
-      const bool counted = label != ignore_index && ce_label_valid(label, v);
+      const bool counted = label != p.ignore_index && ce_label_valid(label, v);
       const T c = counted ? coef[i] : T(0);
       if (c == T(0)) {
         std::fill(row, row + v, T(0));
         continue;
       }
-      row_exp_affine(row, v, lse[i], c, c * eps * inv_v);
+      const T pc = ce_prob_coef<T>(lse[i], lam);
+      if (cap > T(0)) {
+        const T z_y = ce_softcap<T>(row[label], cap, inv_cap);
+        row_softcap_exp_affine(row, v, lse[i], c * pc, c * eps * inv_v, cap, inv_cap);
+        row[label] -= c * (T(1) - eps) * ce_softcap_grad<T>(z_y, cap, inv_cap);
+        continue;
+      }
+      row_exp_affine(row, v, lse[i], c * pc, c * eps * inv_v);
       row[label] -= c * (T(1) - eps);
     }
   });
 }
 
-void forward_cpu(at::Tensor& z, const at::Tensor& labels, int64_t ignore_index, double eps, const at::Tensor& coef,
-                 at::Tensor& lse, at::Tensor& loss, const at::Tensor& groups, at::Tensor& group_acc,
+void forward_cpu(at::Tensor& z, const at::Tensor& labels, const CeParams& p, const at::Tensor& coef, at::Tensor& lse,
+                 at::Tensor& loss, at::Tensor& zl, const at::Tensor& groups, at::Tensor& group_acc,
                  at::Tensor& group_cnt, int64_t row_offset) {
   if (z.scalar_type() == at::kDouble) {
-    forward_rows_cpu<double>(z, labels, ignore_index, eps, coef, lse, loss, groups, group_acc, group_cnt, row_offset);
+    forward_rows_cpu<double>(z, labels, p, coef, lse, loss, zl, groups, group_acc, group_cnt, row_offset);
   } else {
-    forward_rows_cpu<float>(z, labels, ignore_index, eps, coef, lse, loss, groups, group_acc, group_cnt, row_offset);
+    forward_rows_cpu<float>(z, labels, p, coef, lse, loss, zl, groups, group_acc, group_cnt, row_offset);
   }
 }
 
-void grad_cpu(at::Tensor& z, const at::Tensor& labels, int64_t ignore_index, double eps, const at::Tensor& lse,
+void grad_cpu(at::Tensor& z, const at::Tensor& labels, const CeParams& p, const at::Tensor& lse,
               const at::Tensor& coef) {
   if (z.scalar_type() == at::kDouble) {
-    grad_rows_cpu<double>(z, labels, ignore_index, eps, lse, coef);
+    grad_rows_cpu<double>(z, labels, p, lse, coef);
   } else {
-    grad_rows_cpu<float>(z, labels, ignore_index, eps, lse, coef);
+    grad_rows_cpu<float>(z, labels, p, lse, coef);
   }
 }
 
@@ -495,28 +626,33 @@ constexpr CeKernels kCpuKernels{&forward_cpu, &grad_cpu, /*gemm_in_input_dtype=*
 LinearCeOut linear_ce_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& group_ids,
                           int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
-                          int64_t chunk_size, bool compute_grad, bool weight_grad) {
+                          int64_t chunk_size, bool compute_grad, bool weight_grad, double softcap, double logit_scale,
+                          double z_loss) {
   return linear_ce_driver(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing,
-                          reduction, chunk_size, compute_grad, weight_grad, kCpuKernels);
+                          reduction, chunk_size, compute_grad, weight_grad, {softcap, logit_scale, z_loss},
+                          kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
     const at::Tensor& lse, const at::Tensor& grad_token, int64_t ignore_index, double label_smoothing,
-    int64_t chunk_size) {
+    int64_t chunk_size, double softcap, double logit_scale, double z_loss) {
   return linear_ce_backward_driver(hidden, weight, labels, bias, lse, grad_token, ignore_index, label_smoothing,
-                                   chunk_size, kCpuKernels);
+                                   chunk_size, {softcap, logit_scale, z_loss}, kCpuKernels);
 }
 
 CeOut cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& group_ids,
-                        int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+                        int64_t num_groups, int64_t ignore_index, double label_smoothing, int64_t reduction,
+                        double softcap, double logit_scale, double z_loss) {
   return cross_entropy_driver(logits, labels, group_ids, num_groups, ignore_index, label_smoothing, reduction,
-                              kCpuKernels);
+                              {softcap, logit_scale, z_loss}, kCpuKernels);
 }
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                                      const at::Tensor& grad_token, int64_t ignore_index, double label_smoothing) {
-  return cross_entropy_backward_driver(logits, labels, lse, grad_token, ignore_index, label_smoothing, kCpuKernels);
+                                      const at::Tensor& grad_token, int64_t ignore_index, double label_smoothing,
+                                      double softcap, double logit_scale, double z_loss) {
+  return cross_entropy_backward_driver(logits, labels, lse, grad_token, ignore_index, label_smoothing,
+                                       {softcap, logit_scale, z_loss}, kCpuKernels);
 }
 
 }  // namespace

@@ -36,39 +36,48 @@ SCHEMAS: dict[str, str] = {
     # otherwise those three outputs are empty and the *_backward op recomputes chunk logits.
     # weight_grad=False (neither weight nor bias needs a gradient: a frozen LM head under LoRA)
     # skips the weight-gradient GEMM; grad_weight and grad_bias are then empty.
+    # Final logits z = softcap * tanh(logit_scale * (h W^T + b) / softcap) (softcap 0: no tanh);
+    # z_loss adds z_loss * lse^2 per counted token to `loss` and is returned alone as the last
+    # output (reduced like `loss`; empty when z_loss == 0). token_loss / group_loss stay pure CE.
     "linear_ce": (
         "linear_ce(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward": (
         "linear_ce_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
-        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size, "
+        "float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) -> (Tensor, Tensor, Tensor)"
     ),
     "linear_ce_triton": (
         "linear_ce_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? group_ids, "
         "int num_groups, int ignore_index, float label_smoothing, int reduction, int chunk_size, "
-        "bool compute_grad, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool compute_grad, bool weight_grad=True, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "linear_ce_backward_triton": (
         "linear_ce_backward_triton(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, "
-        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size) -> (Tensor, Tensor, Tensor)"
+        "Tensor grad_token, int ignore_index, float label_smoothing, int chunk_size, "
+        "float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) -> (Tensor, Tensor, Tensor)"
     ),
     "cross_entropy": (
         "cross_entropy(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
-        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "float label_smoothing, int reduction, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "cross_entropy_backward": (
         "cross_entropy_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, int ignore_index, "
-        "float label_smoothing) -> Tensor"
+        "float label_smoothing, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) -> Tensor"
     ),
     "cross_entropy_triton": (
         "cross_entropy_triton(Tensor logits, Tensor labels, Tensor? group_ids, int num_groups, int ignore_index, "
-        "float label_smoothing, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "float label_smoothing, int reduction, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "cross_entropy_backward_triton": (
         "cross_entropy_backward_triton(Tensor logits, Tensor labels, Tensor lse, Tensor grad_token, "
-        "int ignore_index, float label_smoothing) -> Tensor"
+        "int ignore_index, float label_smoothing, float softcap=0.0, float logit_scale=1.0, float z_loss=0.0) -> Tensor"
     ),
     # router_stats: one pass over a list of L router-logit tensors [N, E]; returns
     # (prob_sum, entropy_sum, aux_loss, expert_counts, token_count) -- float outputs first, the
@@ -97,6 +106,9 @@ SCHEMAS: dict[str, str] = {
     "factored_sketch_triton": (
         "factored_sketch_triton(Tensor x, Tensor g, Tensor offsets, Tensor? p_in, Tensor? p_out) -> Tensor"
     ),
+    # Host-side launch decisions of the CUDA kernels (shared memory opt-in, grid limits), computed by
+    # the same C++ functions the launchers call; CPU only, for tests (csrc/launch_plan.cpp).
+    "_launch_plan": "_launch_plan(Tensor device_hint, str kernel, int[] sizes) -> int[]",
 }
 
 for _schema in SCHEMAS.values():

@@ -2,20 +2,29 @@
 
     out = mixkernels.linear_cross_entropy(hidden, weight, labels, *, bias=None, group_ids=None,
                                           num_groups=None, ignore_index=-100, label_smoothing=0.0,
-                                          reduction="mean", return_token_loss=False, chunk_size=None)
+                                          reduction="mean", return_token_loss=False, chunk_size=None,
+                                          softcap=None, logit_scale=1.0, z_loss=0.0)
 
     hidden     [N, d] or [B, T, d]   float32 / float16 / bfloat16 (float64 accepted: all-fp64 math, for gradcheck)
     weight     [V, d]                same dtype and device as hidden (the LM head)
     labels     [N] or [B, T]         int64 (int32 accepted); ignore_index marks tokens that do not count
     bias       optional [V]
     group_ids  optional [N] / [B, T] per token, or [B] per sequence (broadcast over T); needs num_groups
+    softcap    final-logit softcapping C > 0 (Gemma 2's final_logit_softcapping): z = C tanh(z / C);
+               None or 0: off
+    logit_scale  logits multiplier s > 0 (Cohere's logit_scale; Granite's logits_scaling d is 1 / d),
+               applied before the softcap: z = softcap(s (h W^T + b))
+    z_loss     weight lam >= 0 of the z-loss lam * lse^2 per counted token (lse: log-sum-exp of the
+               final logits; PaLM's auxiliary loss); 0: off
 
     out.loss         "mean": 0-dim fp32, sum over counted tokens / their number (0, not NaN, if none);
                      "sum": 0-dim fp32; "none": fp32 per-token losses shaped like labels (0 at ignored
-                     tokens). Differentiable w.r.t. hidden, weight and bias.
-    out.group_loss   fp32 [num_groups]: sum of token losses per group (detached), or None
+                     tokens). Includes the z-loss. Differentiable w.r.t. hidden, weight and bias.
+    out.group_loss   fp32 [num_groups]: sum of token cross-entropy losses per group (detached, no
+                     z-loss), or None
     out.group_count  int64 [num_groups]: counted tokens per group, or None
-    out.token_loss   fp32 shaped like labels (detached, 0 at ignored tokens) if return_token_loss
+    out.token_loss   fp32 shaped like labels (detached, 0 at ignored tokens, no z-loss) if return_token_loss
+    out.z_loss       the z-loss alone, reduced like loss (detached fp32), or None when z_loss == 0
 
 The [N, V] logits are never materialised: the ops work on ``chunk_size`` rows at a time.
 
@@ -33,6 +42,7 @@ csrc/cuda/linear_ce_cuda.cu), ``triton`` (mixkernels/triton/linear_ce.py).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -64,6 +74,7 @@ class CrossEntropyOutput:
     group_loss: torch.Tensor | None = None
     group_count: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None  # the z-loss term alone (already included in ``loss``)
 
 
 # ---- argument checks shared with cross_entropy ---------------------------------------------
@@ -88,6 +99,29 @@ def check_labels(op: str, labels: torch.Tensor, v: int, ignore_index: int) -> No
             f"mixkernels.{op}: labels[{where}] = {int(labels.flatten()[flat])} is out of range [0, {v}) "
             f"(vocabulary size V = {v}) and is not ignore_index = {ignore_index}"
         )
+
+
+def _finite_float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def check_loss_options(op: str, softcap: float | None, logit_scale: float, z_loss: float) -> tuple[float, float, float]:
+    """Validates the logit transform / z-loss options; returns (softcap (0 = off), logit_scale, z_loss)."""
+    cap = 0.0
+    if softcap is not None:
+        cap = _finite_float(softcap)
+        if cap is None or cap < 0.0:
+            raise ValueError(f"mixkernels.{op}: softcap must be None, 0 (off) or a finite float > 0, got {softcap!r}")
+    scale = _finite_float(logit_scale)
+    if scale is None or scale <= 0.0:
+        raise ValueError(f"mixkernels.{op}: logit_scale must be a finite float > 0, got {logit_scale!r}")
+    zl = _finite_float(z_loss)
+    if zl is None or zl < 0.0:
+        raise ValueError(f"mixkernels.{op}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    return cap, scale, zl
 
 
 def prepare_common(
@@ -221,9 +255,16 @@ def linear_cross_entropy(
     reduction: str = "mean",
     return_token_loss: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> CrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without materialising the
-    logits, with per-group sums/counts and per-token losses (see the module docstring for shapes)."""
+    logits, with per-group sums/counts and per-token losses (see the module docstring for shapes).
+
+    ``softcap`` / ``logit_scale`` transform the logits (``softcap(logit_scale * logits)``) and
+    ``z_loss`` adds ``z_loss * lse**2`` per counted token, as Gemma 2 / Cohere / Granite / PaLM do."""
+    cap, scale, zl = check_loss_options(PUBLIC, softcap, logit_scale, z_loss)
     h2, y, g, ng, red, chunk = _prepare(
         hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing, reduction, chunk_size
     )
@@ -233,7 +274,8 @@ def linear_cross_entropy(
     compute_grad = needs_grad and red != 0
     # a frozen head (LoRA, frozen tied embeddings): no weight-gradient GEMM in the fused forward
     weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
-    args = (h2, weight, y, bias, g, ng, ignore_index, float(label_smoothing), red, chunk, compute_grad, weight_grad)
+    args = (h2, weight, y, bias, g, ng, ignore_index, float(label_smoothing), red, chunk, compute_grad, weight_grad,
+            cap, scale, zl)
     chosen = _backend.select(OP, hidden.device)
     if chosen == "cxx":
         outs = torch.ops.mixkernels.linear_ce(*args)
@@ -241,15 +283,24 @@ def linear_cross_entropy(
         outs = torch.ops.mixkernels.linear_ce_triton(*args)
     else:
         outs = _ReferenceLinearCE.apply(*args)
-    loss, token_loss, _lse, group_loss, group_count = outs[:5]
+    return make_output(outs[:5], outs[8], labels.shape, red, g is not None, return_token_loss, zl)
+
+
+def make_output(outs, z_out: torch.Tensor, shape: torch.Size, red: int, grouped: bool, return_token_loss: bool,
+                zl: float) -> CrossEntropyOutput:
+    """The public result from the op outputs (loss, token_loss, lse, group_loss, group_count) and z_loss."""
+    loss, token_loss, _lse, group_loss, group_count = outs
     if red == 0:
-        loss = loss.reshape(labels.shape)
-        token_loss = loss.detach()
+        loss = loss.reshape(shape)
+        if zl == 0.0:  # the op returns no separate token loss: it is the loss itself
+            token_loss = loss.detach()
+        z_out = z_out.reshape(shape) if zl != 0.0 else z_out
     return CrossEntropyOutput(
         loss=loss,
-        group_loss=group_loss.detach() if g is not None else None,
-        group_count=group_count if g is not None else None,
-        token_loss=token_loss.detach().reshape(labels.shape) if return_token_loss else None,
+        group_loss=group_loss.detach() if grouped else None,
+        group_count=group_count if grouped else None,
+        token_loss=token_loss.detach().reshape(shape) if return_token_loss else None,
+        z_loss=z_out.detach() if zl != 0.0 else None,
     )
 
 
@@ -270,11 +321,21 @@ def _grad_token(labels: torch.Tensor, grad_loss: torch.Tensor, reduction: int, i
     return torch.where(valid, scale, 0.0).contiguous()
 
 
+LOSS_OPTION_DEFAULTS = (0.0, 1.0, 0.0)  # softcap, logit_scale, z_loss (schema defaults)
+
+
+def loss_options(inputs, start: int) -> tuple[float, float, float]:
+    """(softcap, logit_scale, z_loss) from the op inputs, the schema defaults where absent."""
+    given = tuple(inputs[start:start + 3])
+    return given + LOSS_OPTION_DEFAULTS[len(given):]
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, _g, _ng, ignore_index, label_smoothing, reduction, chunk, compute_grad = inputs[:11]
     lse, grad_hidden, grad_weight, grad_bias = output[2], output[5], output[6], output[7]
     ctx.precomputed = bool(compute_grad) and reduction != 0
     ctx.options = (ignore_index, label_smoothing, reduction, chunk)
+    ctx.loss_options = loss_options(inputs, 12)
     ctx.has_bias = bias is not None
     if ctx.precomputed:
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -284,7 +345,7 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_loss, *_unused):
-        none = [None] * 12
+        none = [None] * 15
         if grad_loss is None:
             return tuple(none)
         ignore_index, label_smoothing, reduction, chunk = ctx.options
@@ -301,7 +362,8 @@ def _make_backward(backward_op):
             return tuple(none)
         hidden, weight, labels, bias, lse = ctx.saved_tensors
         coef = _grad_token(labels, grad_loss, reduction, ignore_index)
-        gh, gw, gb = backward_op(hidden, weight, labels, bias, lse, coef, ignore_index, label_smoothing, chunk)
+        gh, gw, gb = backward_op(hidden, weight, labels, bias, lse, coef, ignore_index, label_smoothing, chunk,
+                                 *ctx.loss_options)
         none[0] = gh if ctx.needs_input_grad[0] else None
         none[1] = gw if ctx.needs_input_grad[1] else None
         none[3] = gb if ctx.has_bias and ctx.needs_input_grad[3] else None
@@ -330,11 +392,12 @@ class _ReferenceLinearCE(torch.autograd.Function):
 
 
 def _fake(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, label_smoothing, reduction, chunk,
-          compute_grad, weight_grad=True):
+          compute_grad, weight_grad=True, softcap=0.0, logit_scale=1.0, z_loss=0.0):
     n, v = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": _reference.acc_dtype(hidden.dtype)}
     loss = hidden.new_empty((n,) if reduction == 0 else (), **f32)
-    token_loss = hidden.new_empty((0 if reduction == 0 else n,), **f32)
+    token_loss = hidden.new_empty((0 if reduction == 0 and z_loss == 0.0 else n,), **f32)
+    z_out = hidden.new_empty(((n,) if reduction == 0 else ()) if z_loss != 0.0 else (0,), **f32)
     lse = hidden.new_empty((n,), **f32)
     g = num_groups if group_ids is not None else 0
     group_loss = hidden.new_empty((g,), **f32)
@@ -344,10 +407,11 @@ def _fake(hidden, weight, labels, bias, group_ids, num_groups, ignore_index, lab
     wgrad = grads and weight_grad
     grad_weight = weight.new_empty(weight.shape if wgrad else (0,))
     grad_bias = hidden.new_empty((v,) if wgrad and bias is not None else (0,), dtype=bias.dtype if bias is not None else hidden.dtype)
-    return loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias
+    return loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias, z_out
 
 
-def _fake_backward(hidden, weight, labels, bias, lse, grad_token, ignore_index, label_smoothing, chunk):
+def _fake_backward(hidden, weight, labels, bias, lse, grad_token, ignore_index, label_smoothing, chunk,
+                   softcap=0.0, logit_scale=1.0, z_loss=0.0):
     grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
@@ -378,5 +442,7 @@ def selftest_cases() -> list[tuple[str, tuple, dict]]:
         ("[B,T,d] per-seq groups", (h[:36].reshape(4, 9, 24), w, y[:36].reshape(4, 9)),
          {"group_ids": torch.arange(4), "num_groups": 4, "reduction": "sum"}),
         ("fp16", (h.half(), w.half(), y), {}),
+        ("softcap logit_scale z_loss", (h, w, y), {"softcap": 3.0, "logit_scale": 0.5, "z_loss": 1e-2,
+                                                   "group_ids": g, "num_groups": 4, "chunk_size": 16}),
         ("empty", (h[:0], w, y[:0]), {"group_ids": g[:0], "num_groups": 2}),
     ]

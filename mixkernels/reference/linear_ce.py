@@ -1,14 +1,23 @@
 """linear_cross_entropy / cross_entropy, pure-PyTorch chunked reference.
 
-For token t with hidden row h_t [d], LM head W [V, d], optional bias b [V], label y_t and label
-smoothing eps (PyTorch's definition: the target is (1 - eps) * onehot(y) + eps / V):
+For token t with hidden row h_t [d], LM head W [V, d], optional bias b [V], label y_t, label
+smoothing eps (PyTorch's definition: the target is (1 - eps) * onehot(y) + eps / V), logit scale
+s (1: off), final-logit softcap C (0: off) and z-loss weight lam (0: off):
 
-    z_t      = h_t W^T + b                                   (fp32, one row chunk at a time)
+    r_t      = h_t W^T + b                                   (fp32, one row chunk at a time)
+    u_t      = s r_t                                          (Cohere's logit_scale; Granite: s = 1 / d)
+    z_t      = C tanh(u_t / C)  if C > 0  else u_t            (Gemma 2's final_logit_softcapping)
     lse_t    = log sum_j exp(z_tj)
     loss_t   = lse_t - (1 - eps) z_{t,y_t} - (eps / V) sum_j z_tj     (0 when y_t == ignore_index)
-    dz_tj    = c_t (softmax(z_t)_j - (1 - eps) [j == y_t] - eps / V)  (c_t = upstream grad of loss_t)
-    dh_t     = dz_t W,    dW = sum_t dz_t^T h_t,    db = sum_t dz_t
+    zl_t     = lam lse_t^2                                    (0 when y_t == ignore_index)
+    dz_tj    = c_t ((1 + 2 lam lse_t) softmax(z_t)_j - (1 - eps) [j == y_t] - eps / V)
+               (c_t = upstream grad of loss_t + zl_t)
+    dr_tj    = s (1 - (z_tj / C)^2) dz_tj   (softcap on)  or  s dz_tj
+    dh_t     = dr_t W,    dW = sum_t dr_t^T h_t,    db = sum_t dr_t
     group_loss[g] = sum_{t : group_t = g, counted} loss_t,   group_count[g] = #{...}
+
+The reduced loss is reduce(loss_t + zl_t); ``z_loss`` is reduce(zl_t) on its own, and token and
+group losses are the pure cross-entropy loss_t.
 
 Shapes: hidden [N, d], weight [V, d], labels [N] int64, group_ids [N] int64 (the public
 wrappers flatten [B, T] inputs). Logits exist only one chunk of ``chunk_size`` rows at a time,
@@ -47,8 +56,27 @@ def _token_scale(labels: torch.Tensor, ignore_index: int, reduction: int,
     return valid, scale
 
 
+def _transform_(u: torch.Tensor, softcap: float, logit_scale: float) -> torch.Tensor:
+    """In place: the final logits z = softcap(logit_scale * u) of raw acc-dtype logits u [R, V]."""
+    if logit_scale != 1.0:
+        u.mul_(logit_scale)
+    if softcap > 0.0:
+        u.div_(softcap).tanh_().mul_(softcap)
+    return u
+
+
+def _chain_(dz: torch.Tensor, z: torch.Tensor | None, softcap: float, logit_scale: float) -> torch.Tensor:
+    """In place: d loss / d raw logits from d loss / d final logits ``dz`` (``z``: the final logits,
+    needed only with softcap: d(C tanh(u / C)) / du = 1 - (z / C)^2)."""
+    if softcap > 0.0:
+        dz.mul_(1.0 - (z / softcap).square())
+    if logit_scale != 1.0:
+        dz.mul_(logit_scale)
+    return dz
+
+
 def _chunk_losses(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (loss, lse) of fp32 logits z [R, V]; 0 loss where not valid."""
+    """Per-row (loss, lse) of fp32 final logits z [R, V]; 0 loss where not valid."""
     lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
     loss = lse - (1.0 - label_smoothing) * z_y
@@ -58,10 +86,13 @@ def _chunk_losses(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, label_s
 
 
 def _chunk_grad_(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                 label_smoothing: float) -> torch.Tensor:
-    """Overwrite fp32 logits z [R, V] with dz = coef * (softmax - target); rows not valid -> 0."""
+                 label_smoothing: float, z_loss: float = 0.0) -> torch.Tensor:
+    """Overwrite fp32 final logits z [R, V] with dz = coef * ((1 + 2 z_loss lse) softmax - target);
+    rows not valid -> 0."""
     v = z.shape[1]
     z.sub_(lse.unsqueeze(1)).exp_()
+    if z_loss != 0.0:
+        z.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
     rows = torch.arange(z.shape[0], device=z.device)
     z[rows, torch.where(valid, y, 0)] -= 1.0 - label_smoothing
     if label_smoothing != 0.0:
@@ -87,6 +118,25 @@ def _reduce(token_loss: torch.Tensor, scale: torch.Tensor, reduction: int) -> to
     return token_loss.sum() * scale
 
 
+def _z_loss_out(lse: torch.Tensor, valid: torch.Tensor, z_loss: float, scale: torch.Tensor,
+                reduction: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token z-loss [N] (0 at ignored tokens), the z_loss output reduced like the loss, or an
+    empty [0] tensor when z_loss is 0)."""
+    if z_loss == 0.0:
+        return torch.zeros_like(lse), lse.new_zeros(0)
+    tok = torch.where(valid, z_loss * lse.square(), 0.0)
+    return tok, _reduce(tok, scale, reduction)
+
+
+def _outputs(token_loss, zl_tok, scale, reduction, z_loss):
+    """(loss, token_loss output): the reduced CE + z-loss, and the CE per token ([0] for "none"
+    without z-loss: the loss itself is then the token loss)."""
+    loss = _reduce(token_loss + zl_tok if z_loss != 0.0 else token_loss, scale, reduction)
+    if reduction == REDUCTION_NONE and z_loss == 0.0:
+        token_loss = token_loss.new_zeros(0)
+    return loss, token_loss
+
+
 def linear_ce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -100,13 +150,18 @@ def linear_ce(
     chunk_size: int,
     compute_grad: bool,
     weight_grad: bool = True,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
     """Chunked forward; with ``compute_grad`` also the gradients of ``loss`` for upstream grad 1
     (those of weight and bias only with ``weight_grad``).
 
-    Returns ``(loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias)``:
-    loss is [N] for reduction none, else a 0-dim fp32 tensor; token_loss/lse are fp32 [N];
-    the gradients are empty [0] tensors unless ``compute_grad`` (only meaningful for sum/mean).
+    Returns ``(loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias,
+    z_loss)``: loss is [N] for reduction none, else a 0-dim fp32 tensor (cross-entropy + z-loss);
+    token_loss (pure cross-entropy) / lse are fp32 [N] (token_loss is [0] for reduction none
+    without z-loss, where it equals loss); the gradients are empty [0] tensors unless
+    ``compute_grad`` (only meaningful for sum/mean); z_loss is reduced like loss, [0] when off.
     """
     n, _ = hidden.shape
     v = weight.shape[0]
@@ -129,24 +184,26 @@ def linear_ce(
         z = h @ w32.T
         if b32 is not None:
             z += b32
+        _transform_(z, softcap, logit_scale)
         loss_c, lse_c = _chunk_losses(z, labels[lo:hi], valid[lo:hi], label_smoothing)
         token_loss[lo:hi] = loss_c
         lse[lo:hi] = lse_c
         if grads:
-            dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse_c, scale.expand(hi - lo), label_smoothing)
+            z_final = z.clone() if softcap > 0.0 else None
+            dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse_c, scale.expand(hi - lo), label_smoothing, z_loss)
+            _chain_(dz, z_final, softcap, logit_scale)
             grad_hidden[lo:hi] = (dz @ w32).to(hidden.dtype)
             if grad_w32 is not None:
                 grad_w32.addmm_(dz.T, h)
             if grad_b32 is not None:
                 grad_b32 += dz.sum(0)
     group_loss, group_count = _groups(token_loss, valid, group_ids, num_groups)
-    loss = _reduce(token_loss, scale, reduction)
+    zl_tok, zl_out = _z_loss_out(lse, valid, z_loss, scale, reduction)
+    loss, token_loss = _outputs(token_loss, zl_tok, scale, reduction, z_loss)
     # every output is a distinct tensor (custom ops may not return aliases of one another)
     grad_weight = grad_w32.to(weight.dtype) if grad_w32 is not None else weight.new_zeros(0)
     grad_bias = grad_b32.to(bias.dtype) if grad_b32 is not None else hidden.new_zeros(0)
-    if reduction == REDUCTION_NONE:
-        token_loss = token_loss.new_zeros(0)
-    return loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias
+    return loss, token_loss, lse, group_loss, group_count, grad_hidden, grad_weight, grad_bias, zl_out
 
 
 def linear_ce_backward(
@@ -159,6 +216,9 @@ def linear_ce_backward(
     ignore_index: int,
     label_smoothing: float,
     chunk_size: int,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute-in-backward: gradients for an arbitrary fp32 per-token upstream gradient [N].
 
@@ -183,7 +243,10 @@ def linear_ce_backward(
         z = h @ w32.T
         if b32 is not None:
             z += b32
-        dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse[lo:hi], coef[lo:hi], label_smoothing)
+        _transform_(z, softcap, logit_scale)
+        z_final = z.clone() if softcap > 0.0 else None
+        dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse[lo:hi], coef[lo:hi], label_smoothing, z_loss)
+        _chain_(dz, z_final, softcap, logit_scale)
         grad_hidden[lo:hi] = (dz @ w32).to(hidden.dtype)
         grad_w32.addmm_(dz.T, h)
         if grad_b32 is not None:
@@ -200,10 +263,13 @@ def cross_entropy(
     ignore_index: int,
     label_smoothing: float,
     reduction: int,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """From given logits [N, V]: ``(loss, token_loss, lse, group_loss, group_count)`` (as linear_ce).
-
-    Processed in row chunks so the fp32 upcast of low-precision logits is one chunk at a time.
+    """From given logits [N, V]: ``(loss, token_loss, lse, group_loss, group_count, z_loss)`` (as
+    linear_ce). Processed in row chunks so the fp32 upcast of low-precision logits is one chunk at
+    a time.
     """
     n, v = logits.shape
     labels = labels.long()
@@ -214,14 +280,14 @@ def cross_entropy(
     step = max(1, (1 << 24) // max(v, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        loss_c, lse_c = _chunk_losses(logits[lo:hi].to(acc), labels[lo:hi], valid[lo:hi], label_smoothing)
+        z = _transform_(logits[lo:hi].to(acc, copy=True), softcap, logit_scale)
+        loss_c, lse_c = _chunk_losses(z, labels[lo:hi], valid[lo:hi], label_smoothing)
         token_loss[lo:hi] = loss_c
         lse[lo:hi] = lse_c
     group_loss, group_count = _groups(token_loss, valid, group_ids, num_groups)
-    loss = _reduce(token_loss, scale, reduction)
-    if reduction == REDUCTION_NONE:
-        token_loss = token_loss.new_zeros(0)
-    return loss, token_loss, lse, group_loss, group_count
+    zl_tok, zl_out = _z_loss_out(lse, valid, z_loss, scale, reduction)
+    loss, token_loss = _outputs(token_loss, zl_tok, scale, reduction, z_loss)
+    return loss, token_loss, lse, group_loss, group_count, zl_out
 
 
 def cross_entropy_backward(
@@ -231,6 +297,9 @@ def cross_entropy_backward(
     grad_token: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """d loss / d logits [N, V] in the logits dtype for an fp32 per-token upstream gradient [N]."""
     n, v = logits.shape
@@ -242,6 +311,8 @@ def cross_entropy_backward(
     step = max(1, (1 << 24) // max(v, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        z = logits[lo:hi].to(acc, copy=True)
-        grad[lo:hi] = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse[lo:hi], coef[lo:hi], label_smoothing)
+        z = _transform_(logits[lo:hi].to(acc, copy=True), softcap, logit_scale)
+        z_final = z.clone() if softcap > 0.0 else None
+        dz = _chunk_grad_(z, labels[lo:hi], valid[lo:hi], lse[lo:hi], coef[lo:hi], label_smoothing, z_loss)
+        grad[lo:hi] = _chain_(dz, z_final, softcap, logit_scale)
     return grad
