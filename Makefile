@@ -11,7 +11,7 @@ STAMP := $(VENV)/.mixkernels-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_FLAGS ?= -q -p no:cacheprovider
 
-.PHONY: setup models test test-cpu test-triton demo demo-tiny bench gpu-check lint clean
+.PHONY: setup models test test-cpu test-triton demo demo-tiny bench gpu-check lint clean dist check-dist
 
 setup: $(STAMP) models
 
@@ -63,8 +63,24 @@ OUT ?= gpu-check-$(shell date -u +%Y%m%d-%H%M%S)
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
 
+# Packages for installing outside this Makefile (docs/install.md): the sdist is built the way pip
+# would, in an isolated environment without torch; the wheel is built from that sdist (so a missing
+# source fails here) against the torch in $(VENV), without build isolation.
+dist: $(STAMP)
+	rm -f dist/mixkernels-*.tar.gz dist/mixkernels-*.whl
+	$(PY) -m build --sdist --outdir dist .
+	$(PIP) wheel --no-build-isolation --no-deps --no-cache-dir --wheel-dir dist dist/mixkernels-*.tar.gz
+
+# The wheel from `make dist`, installed into a fresh venv outside the tree: import, selftest, copies
+# of op tests, and the warning + fallback when its build info names another torch. CI runs it.
+# Its wheel skips the CUDA sources unless MIXKERNELS_BUILD_CUDA=1 is set: `make setup` has compiled
+# the same sources with nvcc already, and a second CUDA compile would double CI's build time.
+check-dist: export MIXKERNELS_BUILD_CUDA ?= 0
+check-dist: dist
+	$(PY) tests/build/check_dist.py --dist dist
+
 lint: setup
 	$(PY) -m ruff check mixkernels mixtrain tests bench
 
 clean:
-	rm -rf build *.egg-info mixkernels/_C*.so mixkernels/_build_info.json
+	rm -rf build dist *.egg-info mixkernels/_C*.so mixkernels/_build_info.json
