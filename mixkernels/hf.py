@@ -74,7 +74,10 @@ class _LogitTransform:
 def _text_config(model: torch.nn.Module) -> Any:
     config = getattr(model, "config", None)
     get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
+    try:
+        return get() if callable(get) else config
+    except ValueError:  # several text sub-configs (e.g. encoder and decoder): the top-level one
+        return config
 
 
 def _logit_transform(model: torch.nn.Module, who: str) -> _LogitTransform:

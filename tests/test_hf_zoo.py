@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import mixkernels
+import mixkernels.grad_projector
 import mixkernels.hf as mkhf
 
 transformers = pytest.importorskip("transformers")
@@ -227,3 +229,102 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# ---- per-example projected gradients (a representative set) -------------------------------------
+
+PROJECTOR_SET = ["llama", "gpt2", "gemma2", "granite", "cohere", "qwen2_moe"]
+
+
+def _decoder_linears(model) -> list[str]:
+    """Attention projections (MoE experts see flattened tokens, which the projector does not take)."""
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules()
+            if mixkernels.grad_projector.is_projectable(m) and m is not head and m.weight.requires_grad
+            and "attn" in n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]][:12]
+
+
+@pytest.mark.parametrize("model_type", PROJECTOR_SET)
+def test_zoo_grad_projector_per_example(model_type):
+    """GradientProjector over the fused per-example losses == autograd's per-example gradients of
+    the model's own logits, projected by the same matrix."""
+    model, reason = build(model_type)
+    if model is None:
+        pytest.skip(reason)
+    data = _batch(model)
+    names = _decoder_linears(model)
+    assert names
+    ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
+    counted = (labels[:, 1:] != -100).sum(1)
+    # oracle: one backward per example through the model's own logits
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    weights = [model.get_submodule(n).weight for n in names]
+    rows = []
+    for b in range(B):
+        loss_b = torch.nn.functional.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100, reduction="sum")
+        grads = torch.autograd.grad(loss_b / counted[b], weights, retain_graph=b < B - 1)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    v = torch.stack(rows)
+    gp = mixkernels.GradientProjector(model, kind="rademacher", proj_dim=24, seed=3, modules=names)
+    with gp.capture():
+        out = mkhf.causal_lm_loss(model, ids, mask, labels, reduction="none")
+        (out.loss.sum(1) / counted).sum().backward()
+    r = mixkernels.projection_matrix(v.shape[1], 24, seed=3, kind="rademacher")
+    torch.testing.assert_close(gp.grads(), v @ r, atol=1e-4, rtol=1e-4)
+
+
+# ---- MoE families: router statistics and the router auxiliary loss --------------------------------
+
+
+def _is_moe(model_type: str) -> bool:
+    try:
+        config = CONFIG_MAPPING[model_type]()
+    except Exception:  # noqa: BLE001  (a default config that does not validate: cannot build anyway)
+        return False
+    text = config
+    with contextlib.suppress(ValueError):
+        text = config.get_text_config()
+    return any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1 for k in MOE_KEYS)
+
+
+MOE_ZOO = [t for t in ZOO if _is_moe(t)]
+
+
+@pytest.mark.parametrize("model_type", MOE_ZOO)
+def test_zoo_moe_router_stats_and_aux_loss(model_type):
+    """RouterStatsCollector counts == those from output_router_logits=True; RouterAuxLoss (pooled,
+    transformers' formula) == the model's aux_loss; the apply'd loss adds it as the model does."""
+    from tests.ops.test_router_stats import assert_matches
+    from tests.test_hf_router import _oracle_from_outputs
+
+    model, reason = build(model_type)
+    if model is None:
+        pytest.skip(reason)
+    data = _batch(model)
+    ids, mask = data["input_ids"], data["attention_mask"]
+    try:
+        collector = mkhf.RouterStatsCollector(model)
+        aux = mkhf.RouterAuxLoss(model, per_layer=False)
+    except (ValueError, TypeError) as e:
+        pytest.skip(f"{model_type}: routers not hooked: {e}")
+    try:
+        with torch.no_grad(), collector:
+            out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    except Exception as e:  # noqa: BLE001  (the zoo test records it as cannot build)
+        pytest.skip(f"{model_type}: its own forward fails on the tiny config: {type(e).__name__}")
+    router_logits = getattr(out, "router_logits", None)
+    if not router_logits:
+        pytest.skip(f"{model_type}: the model returns no router_logits")
+    domains = torch.tensor([1, 0])
+    stats = collector.stats(group_ids=domains, num_groups=2, attention_mask=mask)
+    expected = _oracle_from_outputs([(out, mask)], collector.top_k, range(len(router_logits)), [domains], 2)
+    assert_matches(stats, expected, what=model_type)
+    if getattr(out, "aux_loss", None) is not None:
+        aux.reset()
+        model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        torch.testing.assert_close(aux.loss(attention_mask=mask), out.aux_loss, atol=1e-6, rtol=1e-5)
+    aux.remove()
+    ref = model(**data, output_router_logits=True).loss
+    mkhf.apply(model)
+    torch.testing.assert_close(model(**data, output_router_logits=True).loss, ref, **CLOSE)
+    mkhf.remove(model)
