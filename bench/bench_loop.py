@@ -82,7 +82,8 @@ def _model_cfg(a: argparse.Namespace) -> dict:
 def _config(a: argparse.Namespace, out: str) -> dict:
     return {
         "model": _model_section(a),
-        "data": {"builtin": DOMAINS, "builtin_size": 200, "max_length": a.seq, "dev_fraction": 0.0},
+        "data": {"builtin": DOMAINS, "builtin_size": 200, "max_length": a.seq, "dev_fraction": 0.0,
+                 "packing": bool(a.packing)},
         "mixing": {"policy": "uniform"},
         "train": {"steps": a.steps, "micro_batch_size": a.mbs, "grad_accum": a.ga, "lr": 1e-3, "warmup": 0,
                   "lr_schedule": "constant", "zero_stage": a.zero, "log_every": 1, "save_every": 0,
@@ -145,6 +146,10 @@ def child_hf(a: argparse.Namespace) -> None:
     enc = encode_domains(doms, tok, max_length=a.seq)
     ds = MixtureDataset(enc, tok, global_batch_size=a.mbs * a.ga, seed=0)
     cb = MixtureCallback(policies.get("uniform"), ds)
+    train_ds: object = ds
+    if a.group_by_length:  # HF's own answer to padding needs a map-style dataset: the same stream, drawn up front
+        it = iter(ds)
+        train_ds = [next(it) for _ in range(a.steps * a.mbs * a.ga)]
     base = _peak_start()
     if a.model:  # the same directory mixtrain loads, through plain transformers (+ PEFT)
         model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32)
@@ -182,8 +187,9 @@ def child_hf(a: argparse.Namespace) -> None:
             learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             weight_decay=0.0, report_to=[], logging_steps=10**6, save_strategy="no", deepspeed=ds_cfg,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
+            group_by_length=bool(a.group_by_length),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collate,
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting_collate,
                           callbacks=[cb, Marks()])
         trainer.train()
     peak = _peak_mb() - base
@@ -303,6 +309,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved HF/mixtrain pairs; the median is reported")
     ap.add_argument("--no-csv", action="store_true", help="print only (smoke tests)")
     ap.add_argument("--load", action="store_true", help="with --model: also time the first and a cached load")
+    ap.add_argument("--packing", action="store_true",
+                    help="mixtrain packs whole examples (data.packing, best-fit decreasing); HF Trainer stays unpacked")
+    ap.add_argument("--group-by-length", action="store_true",
+                    help="also run HF Trainer with group_by_length=True (its own answer to padding)")
     a = ap.parse_args()
     a.tiny = a.tiny or a.quick
     if a.tiny:
@@ -316,7 +326,7 @@ def main() -> None:
     from _harness import Harness
 
     argv = [f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "seq", "mbs", "ga", "zero", "steps", "warmup",
-                                                "threads", "finetune")]
+                                                "threads", "finetune")] + (["--packing"] if a.packing else [])
     if a.model:
         argv.append(f"--model={a.model}")
         case = f"{a.model} {a.finetune} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
@@ -324,11 +334,18 @@ def main() -> None:
         case = f"llama h{a.hidden} L{a.layers} seq{a.seq} mbs{a.mbs}x ga{a.ga} ZeRO-{a.zero}"
     h = Harness("loop")
     # interleaved rounds, median ratio: one pair of runs on a 2-core machine moves by +-10 %
+    if a.packing:
+        case += " packed"
     runs = []
+    grouped = []
     for _ in range(a.rounds):
         hf, mt = _run_child("hf", argv), _run_child("mixtrain", argv)
         runs.append((mt["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"], hf, mt))
         print(f"round {len(runs)}: tokens/CPU-s ratio {runs[-1][0]:.3f}", flush=True)
+        if a.group_by_length:
+            g = _run_child("hf", [*argv, "--group-by-length"])
+            grouped.append((mt["tokens_per_cpu_s"] / g["tokens_per_cpu_s"], g, mt))
+            print(f"round {len(runs)}: vs group_by_length {grouped[-1][0]:.3f}", flush=True)
     ratio, hf, mt = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     h.row(case=case, impl="mixtrain", seconds=mt["cpu_step_s"], baseline="HF Trainer+DeepSpeed",
           baseline_seconds=hf["cpu_step_s"], tokens_per_cpu_s=round(mt["tokens_per_cpu_s"]),
@@ -338,6 +355,14 @@ def main() -> None:
           peak_mb=round(mt["peak_mb"]), baseline_peak_mb=round(hf["peak_mb"]),
           peak_ratio=round(mt["peak_mb"] / max(hf["peak_mb"], 1e-9), 3),
           peak_ratios_all_rounds=" ".join(f"{r[2]['peak_mb'] / max(r[1]['peak_mb'], 1e-9):.3f}" for r in runs))
+    if grouped:
+        gratio, g, gm = sorted(grouped, key=lambda r: r[0])[len(grouped) // 2]
+        h.row(case=case, impl="mixtrain", seconds=gm["cpu_step_s"], baseline="HF Trainer group_by_length",
+              baseline_seconds=g["cpu_step_s"], tokens_per_cpu_s=round(gm["tokens_per_cpu_s"]),
+              baseline_tokens_per_cpu_s=round(g["tokens_per_cpu_s"]), tokens_per_s_ratio=round(gratio, 3),
+              ratios_all_rounds=" ".join(f"{r[0]:.3f}" for r in grouped),
+              peak_mb=round(gm["peak_mb"]), baseline_peak_mb=round(g["peak_mb"]),
+              peak_ratio=round(gm["peak_mb"] / max(g["peak_mb"], 1e-9), 3))
     if a.model:
         if a.load:
             ld = _run_child("load", argv)

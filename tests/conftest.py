@@ -1,7 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# Every run's token caches (and those of the subprocesses tests start) go to one temporary folder,
+# not the user's $MIXTRAIN_HOME/data.
+if "MIXTRAIN_DATA_CACHE" not in os.environ:
+    os.environ["MIXTRAIN_DATA_CACHE"] = tempfile.mkdtemp(prefix="mixtrain-test-data-")
+    atexit.register(shutil.rmtree, os.environ["MIXTRAIN_DATA_CACHE"], True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """The token cache: every domain tokenised once per fingerprint into memory-mapped arrays.
 
-Layout under ``data.cache_dir`` (default ``$MIXTRAIN_HOME/data``), one folder per domain::
+Layout under ``data.cache_dir`` (default ``$MIXTRAIN_DATA_CACHE``, else ``$MIXTRAIN_HOME/data``), one
+folder per domain::
 
     <name>-<fingerprint[:16]>/
         manifest.json                what was built from what: sizes, checksums, statistics
@@ -82,10 +83,11 @@ def available_cores() -> int:
 
 
 def default_cache_dir() -> Path:
-    """``$MIXTRAIN_HOME/data``."""
+    """``$MIXTRAIN_DATA_CACHE`` if set, else ``$MIXTRAIN_HOME/data``."""
     from ..models import cache_root
 
-    return cache_root() / "data"
+    env = os.environ.get("MIXTRAIN_DATA_CACHE")
+    return Path(env).expanduser() if env else cache_root() / "data"
 
 
 def _file_hash(path: Path) -> str:
@@ -94,7 +96,7 @@ def _file_hash(path: Path) -> str:
     import xxhash
 
     h = xxhash.xxh3_64()
-    buf = bytearray(_HASH_BLOCK)
+    buf = bytearray(max(1, min(_HASH_BLOCK, path.stat().st_size)))
     view = memoryview(buf)
     with open(path, "rb") as f:
         while True:
@@ -334,9 +336,9 @@ class _Writer:
         self.rec_bytes += int(sizes.sum())
 
     def close(self) -> None:
+        # no fsync: a folder whose files did not reach the disk (a crash) fails its manifest's
+        # sizes or checksums when it is mapped, and is rebuilt
         for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
 
 
@@ -425,8 +427,6 @@ def _build(spec: DomainSpec, folder: Path, inputs: dict[str, Any], fp: str, tok:
     tmp = folder / "manifest.json.tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, folder / "manifest.json")
     return manifest
 

@@ -372,3 +372,24 @@ def test_lora_run_trains_only_the_adapter_and_exports_it(tmp_path, nproc, zero):
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, peft_model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    """A checkpoint stores its data's fingerprint inputs: resuming after the source file changed is
+    refused with one message naming the file; unchanged data resumes."""
+    src = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "response": f"{i + 1}"} for i in range(40)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = yaml.safe_load(_config(tmp_path, "d", steps=2, save_every=2, eval_every=0).read_text())
+    cfg["data"] = {"domains": {"qa": str(src)}, "max_length": 64}
+    cfg["mixing"] = {"policy": "uniform"}
+    p = tmp_path / "d.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    _train(p)
+    _train(p, "train.steps=3")  # same data: resumes
+    rows[7]["response"] = "nine"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _train(p, "train.steps=4", check=False)
+    assert r.returncode != 0
+    assert "trained on other data; refusing to resume" in r.stderr and f"{src}" in r.stderr
+    assert "data.qa.files.all[0]" in r.stderr
