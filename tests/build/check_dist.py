@@ -293,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp venv and print its path")
     args = parser.parse_args(argv)
     tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    dist = args.dist.resolve()  # the steps below run in other folders
     start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="mixkernels-check-dist-"))
     try:
         print("sdist / wheel contents")
-        check_sdist(_one(args.dist, "mixkernels-*.tar.gz"))
-        wheel = _one(args.dist, "mixkernels-*.whl")
+        check_sdist(_one(dist, "mixkernels-*.tar.gz"))
+        wheel = _one(dist, "mixkernels-*.whl")
         check_wheel(wheel)
         print(f"installed into a fresh venv in {root}")
         python, site = make_venv(root, wheel)
