@@ -95,17 +95,18 @@ def _one(folder: Path, pattern: str) -> Path:
     return found[0]
 
 
-def check_sdist(sdist: Path) -> None:
+def check_sdist(sdist: Path, root: Path = REPO) -> None:
+    """``sdist`` (built from the tree ``root``) holds every source and header of ``root/csrc``."""
     with tarfile.open(sdist) as tar:
         names = [m.name for m in tar.getmembers() if m.isfile()]
     top = names[0].split("/", 1)[0]
     inside = {n.split("/", 1)[1] for n in names if "/" in n}
     sources = sorted(
-        str(p.relative_to(REPO))
+        p.relative_to(root).as_posix()
         for ext in ("cpp", "h", "cu", "cuh")
-        for p in (REPO / "csrc").rglob(f"*.{ext}")
+        for p in (root / "csrc").rglob(f"*.{ext}")
     )
-    _check(bool(sources), f"no C++/CUDA sources found under {REPO / 'csrc'}")
+    _check(bool(sources), f"no C++/CUDA sources found under {root / 'csrc'}")
     missing = [name for name in (*SDIST_REQUIRED, *sources) if name not in inside]
     _check(not missing, f"{sdist.name} lacks {missing}")
     junk = sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in SDIST_JUNK))

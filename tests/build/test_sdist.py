@@ -71,7 +71,7 @@ def test_sdist_without_torch_carries_every_source_and_no_build_products(tmp_path
     proc = _setup_without_torch(tree, "sdist", "--dist-dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sdist,) = (tmp_path / "out").glob("mixkernels-*.tar.gz")
-    check_dist.check_sdist(sdist)  # raises CheckFailed naming what is missing or junk
+    check_dist.check_sdist(sdist, root=tree)  # raises CheckFailed naming what is missing or junk
     with tarfile.open(sdist) as tar:
         names = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
     assert "csrc/common.h" in names and "csrc/cuda/segment_sum_cuda.cu" in names
@@ -86,7 +86,7 @@ def test_sdist_check_names_a_missing_header(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sdist,) = (tmp_path / "out").glob("mixkernels-*.tar.gz")
     with pytest.raises(check_dist.CheckFailed, match=r"lacks \[.*'csrc/common\.h'"):
-        check_dist.check_sdist(sdist)
+        check_dist.check_sdist(sdist, root=tree)
 
 
 def test_extension_build_without_torch_says_what_to_run(tmp_path):
