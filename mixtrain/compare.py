@@ -1020,9 +1020,9 @@ def _plot(path: Path, labels: list[str], results: dict[str, list[RunResult]], ro
 
 def _configured_domains(cfg: Config) -> list[str]:
     """Domain names of the config (built-in families expanded into their skills)."""
-    from .data.builtin import expand_builtin
+    from .data import config_domain_specs
 
-    return list(expand_builtin(cfg.data.builtin)) + list(cfg.data.domains)
+    return [s.name for s in config_domain_specs(cfg)]
 
 
 def run_compare(config: str, policies: str, seeds: str = "0", *, overrides: Sequence[str] = (),

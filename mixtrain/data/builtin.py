@@ -241,7 +241,8 @@ def generate(name: str, size: int, seed: int) -> list[Record]:
     if kind == "addition" and k.isdigit() and 1 <= int(k) <= ADDITION_SKILLS:
         return [_addition_problem(rng, int(k)) for _ in range(size)]
     raise DataError(
-        f"unknown built-in domain {name!r}; valid: code, docs, math, lego, addition, "
+        f"unknown built-in domain {name!r}; valid: code, docs, math, lego, addition, a real task or group "
+        f"(`python -m mixtrain data list`), "
         f"{', '.join(BUILTIN_DOMAINS[3:])}"
     )
 
@@ -257,15 +258,17 @@ def expand_builtin(names: list[str]) -> Iterator[str]:
             yield n
 
 
-def builtin_size_for(name: str, size: int | Mapping[str, int]) -> int:
-    """Examples of built-in domain ``name`` for ``data.builtin_size`` (a mapping's default is 400)."""
+def builtin_size_for(name: str, size: int | Mapping[str, int], *, tasks: bool = False) -> int:
+    """Examples of built-in domain ``name`` for ``data.builtin_size`` (a mapping's default is 400).
+    ``tasks``: a real task, whose training rows are capped only when a size names it (or its
+    family, or ``"*"``, or an int is given); otherwise it keeps them all."""
     if isinstance(size, int):
         return size
     family = name.partition("_")[0]
     for key in (name, family, "*"):
         if key in size:
             return int(size[key])
-    return 400
+    return 1 << 62 if tasks else 400
 
 
 def builtin_domains(names: list[str], *, size: int | Mapping[str, int], seed: int) -> list[tuple[str, list[Record]]]:

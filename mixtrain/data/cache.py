@@ -228,13 +228,15 @@ def _flags(batch: EncodedBatch, max_length: int) -> np.ndarray:
 
 
 def _record_json(r: Record) -> bytes:
-    return json.dumps([[list(m) for m in r.messages], r.plain_text], ensure_ascii=False,
-                      separators=(",", ":")).encode() + b"\n"
+    row: list[Any] = [[list(m) for m in r.messages], r.plain_text]
+    if r.meta is not None:
+        row.append(r.meta)
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 def _record_from_json(b: bytes) -> Record:
-    msgs, plain = json.loads(b)
-    return Record(tuple((str(r), str(c)) for r, c in msgs), bool(plain))
+    row = json.loads(b)
+    return Record(tuple((str(r), str(c)) for r, c in row[0]), bool(row[1]), row[2] if len(row) > 2 else None)
 
 
 # ---- a domain, mapped -----------------------------------------------------------------------
@@ -252,6 +254,7 @@ class CachedDomain:
     train: tuple[Part, np.ndarray]
     dev: tuple[Part, np.ndarray]
     status: str = "cached"
+    parts: dict[str, Part] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -266,9 +269,9 @@ class CachedDomain:
             dev = split_dev_indices(name, len(p), dev_fraction)
             keep = np.ones(len(p), dtype=bool)
             keep[dev] = False
-            return cls(name, folder, manifest or {}, (p, np.flatnonzero(keep)), (p, dev))
+            return cls(name, folder, manifest or {}, (p, np.flatnonzero(keep)), (p, dev), parts=parts)
         return cls(name, folder, manifest or {}, (parts["train"], np.arange(len(parts["train"]))),
-                   (parts["dev"], np.arange(len(parts["dev"]))))
+                   (parts["dev"], np.arange(len(parts["dev"]))), parts=parts)
 
     def stats(self) -> dict[str, int]:
         """Rows / tokens / truncated counts of the training split, rows of the dev split."""
@@ -393,6 +396,8 @@ def _small(spec: DomainSpec) -> bool:
     """Few enough rows that this process tokenises them faster than worker processes start."""
     if spec.kind == "builtin":
         return spec.size < _INLINE_ROWS
+    if spec.kind == "task":
+        return True  # records come from one in-memory reader; tokenising them is the cheap part
     return sum(Path(f).stat().st_size for fs in spec.files().values() for f in fs) < _INLINE_ROWS * 200
 
 

