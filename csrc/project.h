@@ -18,6 +18,14 @@
 
 namespace mixkernels {
 
+// CUDA dense project / lift: blocks own tiles of kProjRowTile rows on grid y and loop over row
+// tiles with a stride of gridDim.y tiles, so any number of rows works (grid y alone would stop at
+// 65,535 x 16 = 1,048,560 rows).
+constexpr int64_t kProjRowTile = 16;
+inline int64_t proj_grid_y(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>((rows + kProjRowTile - 1) / kProjRowTile, kMaxGridY));
+}
+
 enum ProjKind : int { kRademacher = 1, kGaussian = 2, kSjlt = 3 };
 
 MK_HD uint32_t mk_mix32(uint32_t h) {

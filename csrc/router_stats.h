@@ -105,6 +105,19 @@ struct RouterStatsDims {
   int64_t experts;
 };
 
+// CUDA launch: the forward kernel bins [G, E] probability sums and [G] entropy sums (acc_bytes
+// each: 4 for fp32, 8 for fp64 inputs) plus as many uint counts per block in dynamic shared memory
+// when G x E <= kRouterSharedBins and they fit the device (fp64 near G x E = 4,096 needs the opt-in
+// above 48 KiB); otherwise it adds to global memory with atomics.
+constexpr int64_t kRouterSharedBins = 4096;
+inline SharedMemPlan router_stats_shared_plan(int64_t num_groups, int64_t num_experts, int64_t acc_bytes,
+                                              int64_t optin_limit) {
+  if (num_groups * num_experts > kRouterSharedBins) return {false, false, 0};
+  return plan_shared_memory((num_groups * num_experts + num_groups) *
+                                (acc_bytes + static_cast<int64_t>(sizeof(unsigned int))),
+                            optin_limit);
+}
+
 // Checks shared by CPU and CUDA (names the argument and the value); returns L, N, E.
 RouterStatsDims router_stats_check(const std::vector<at::Tensor>& logits, int64_t top_k,
                                    const std::optional<at::Tensor>& group_ids, int64_t num_groups,

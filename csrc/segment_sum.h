@@ -27,6 +27,18 @@ inline int64_t segment_sum_num_chunks(int64_t n, int64_t num_segments) {
   return std::max<int64_t>(1, std::min({chunks, kMaxChunks, by_memory}));
 }
 
+// CUDA launch: the binned kernel keeps num_segments x C fp32 sums and num_segments uint counts per
+// block in dynamic shared memory when there are at most kSegmentSharedBins sums and they fit the
+// device (one column and 6,145-8,192 segments need the opt-in above 48 KiB); otherwise rows add
+// straight to global memory with atomics.
+constexpr int64_t kSegmentSharedBins = 8192;
+inline SharedMemPlan segment_sum_shared_plan(int64_t num_segments, int64_t c, int64_t optin_limit) {
+  if (num_segments * c > kSegmentSharedBins) return {false, false, 0};
+  return plan_shared_memory(num_segments * c * static_cast<int64_t>(sizeof(float)) +
+                                num_segments * static_cast<int64_t>(sizeof(unsigned int)),
+                            optin_limit);
+}
+
 // Validates arguments (shared by CPU and CUDA); returns C (1 for 1-D values).
 int64_t segment_sum_check(const at::Tensor& values, const at::Tensor& segment_ids, int64_t num_segments,
                           const std::optional<at::Tensor>& mask);

@@ -17,7 +17,7 @@
 namespace mixkernels {
 namespace {
 
-constexpr int kTN = 16;
+constexpr int kTN = static_cast<int>(kProjRowTile);  // rows per tile; tiles loop over grid y
 constexpr int kTI = 32;
 constexpr int kTJ = 64;
 constexpr int kThreads = 256;  // 16 x 16
@@ -53,27 +53,30 @@ __global__ void project_dense_kernel(const scalar_t* __restrict__ x, float* __re
   __shared__ float tile[kTI][kTJ];
   __shared__ float xs[kTN][kTI];
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTJ;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTN;
   const int64_t cols = min(static_cast<int64_t>(kTJ), out_dim - col0);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  float acc[kTJ / 16] = {};
-  for (int64_t i0 = 0; i0 < in_dim; i0 += kTI) {
-    const int64_t rows = min(static_cast<int64_t>(kTI), in_dim - i0);
-    fill_tile(tile, kind, key, row_offset + i0, rows, col0, cols);
-    for (int e = threadIdx.x; e < kTN * kTI; e += blockDim.x) {
-      const int b = e / kTI, r = e % kTI;
-      xs[b][r] = (n0 + b < n && r < rows) ? static_cast<float>(x[(n0 + b) * in_dim + i0 + r]) : 0.0f;
+  // row tiles stride over grid y (proj_grid_y caps it at 65,535); uniform per block, so the
+  // __syncthreads() inside stay uniform
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTN; n0 < n; n0 += static_cast<int64_t>(gridDim.y) * kTN) {
+    float acc[kTJ / 16] = {};
+    for (int64_t i0 = 0; i0 < in_dim; i0 += kTI) {
+      const int64_t rows = min(static_cast<int64_t>(kTI), in_dim - i0);
+      fill_tile(tile, kind, key, row_offset + i0, rows, col0, cols);
+      for (int e = threadIdx.x; e < kTN * kTI; e += blockDim.x) {
+        const int b = e / kTI, r = e % kTI;
+        xs[b][r] = (n0 + b < n && r < rows) ? static_cast<float>(x[(n0 + b) * in_dim + i0 + r]) : 0.0f;
+      }
+      __syncthreads();
+      for (int r = 0; r < kTI; ++r) {
+        const float xv = xs[ty][r];
+        for (int c = 0; c < kTJ / 16; ++c) acc[c] += xv * tile[r][tx + 16 * c];
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    for (int r = 0; r < kTI; ++r) {
-      const float xv = xs[ty][r];
-      for (int c = 0; c < kTJ / 16; ++c) acc[c] += xv * tile[r][tx + 16 * c];
-    }
-    __syncthreads();
+    if (n0 + ty < n)
+      for (int c = 0; c < kTJ / 16; ++c)
+        if (tx + 16 * c < cols) y[(n0 + ty) * out_dim + col0 + tx + 16 * c] = acc[c] * scale;
   }
-  if (n0 + ty < n)
-    for (int c = 0; c < kTJ / 16; ++c)
-      if (tx + 16 * c < cols) y[(n0 + ty) * out_dim + col0 + tx + 16 * c] = acc[c] * scale;
 }
 
 template <typename scalar_t>
@@ -82,27 +85,28 @@ __global__ void lift_dense_kernel(const scalar_t* __restrict__ y, float* __restr
   __shared__ float tile[kTI][kTJ];
   __shared__ float ys[kTN][kTJ];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTI;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTN;
   const int64_t rows = min(static_cast<int64_t>(kTI), in_dim - i0);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  float acc[kTI / 16] = {};
-  for (int64_t col0 = 0; col0 < out_dim; col0 += kTJ) {
-    const int64_t cols = min(static_cast<int64_t>(kTJ), out_dim - col0);
-    fill_tile(tile, kind, key, row_offset + i0, rows, col0, cols);
-    for (int e = threadIdx.x; e < kTN * kTJ; e += blockDim.x) {
-      const int b = e / kTJ, c = e % kTJ;
-      ys[b][c] = (n0 + b < n && c < cols) ? static_cast<float>(y[(n0 + b) * out_dim + col0 + c]) : 0.0f;
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTN; n0 < n; n0 += static_cast<int64_t>(gridDim.y) * kTN) {
+    float acc[kTI / 16] = {};
+    for (int64_t col0 = 0; col0 < out_dim; col0 += kTJ) {
+      const int64_t cols = min(static_cast<int64_t>(kTJ), out_dim - col0);
+      fill_tile(tile, kind, key, row_offset + i0, rows, col0, cols);
+      for (int e = threadIdx.x; e < kTN * kTJ; e += blockDim.x) {
+        const int b = e / kTJ, c = e % kTJ;
+        ys[b][c] = (n0 + b < n && c < cols) ? static_cast<float>(y[(n0 + b) * out_dim + col0 + c]) : 0.0f;
+      }
+      __syncthreads();
+      for (int c = 0; c < kTJ; ++c) {
+        const float yv = ys[ty][c];
+        for (int r = 0; r < kTI / 16; ++r) acc[r] += yv * tile[tx + 16 * r][c];
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    for (int c = 0; c < kTJ; ++c) {
-      const float yv = ys[ty][c];
-      for (int r = 0; r < kTI / 16; ++r) acc[r] += yv * tile[tx + 16 * r][c];
-    }
-    __syncthreads();
+    if (n0 + ty < n)
+      for (int r = 0; r < kTI / 16; ++r)
+        if (tx + 16 * r < rows) x[(n0 + ty) * in_dim + i0 + tx + 16 * r] = acc[r] * scale;
   }
-  if (n0 + ty < n)
-    for (int r = 0; r < kTI / 16; ++r)
-      if (tx + 16 * r < rows) x[(n0 + ty) * in_dim + i0 + tx + 16 * r] = acc[r] * scale;
 }
 
 template <typename scalar_t>
@@ -158,7 +162,7 @@ at::Tensor project_cuda(const at::Tensor& x, int64_t out_dim, int64_t seed, cons
       project_sjlt_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(xc.data_ptr<scalar_t>(), y.data_ptr<float>(), n,
                                                                      in_dim, out_dim, nnz, key, row_offset);
     } else {
-      dim3 grid((out_dim + kTJ - 1) / kTJ, (n + kTN - 1) / kTN);
+      dim3 grid((out_dim + kTJ - 1) / kTJ, static_cast<unsigned int>(proj_grid_y(n)));
       project_dense_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(xc.data_ptr<scalar_t>(), y.data_ptr<float>(), n,
                                                                     in_dim, out_dim, kid, key, row_offset, scale);
     }
@@ -187,7 +191,7 @@ at::Tensor lift_cuda(const at::Tensor& y, int64_t in_dim, int64_t seed, const st
       lift_sjlt_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(yc.data_ptr<scalar_t>(), x.data_ptr<float>(), n,
                                                                   out_dim, in_dim, nnz, key, row_offset, scale);
     } else {
-      dim3 grid((in_dim + kTI - 1) / kTI, (n + kTN - 1) / kTN);
+      dim3 grid((in_dim + kTI - 1) / kTI, static_cast<unsigned int>(proj_grid_y(n)));
       lift_dense_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(yc.data_ptr<scalar_t>(), x.data_ptr<float>(), n,
                                                                  out_dim, in_dim, kid, key, row_offset, scale);
     }

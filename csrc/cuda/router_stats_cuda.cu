@@ -8,7 +8,8 @@
 //      exactly router_topk_insert's set), each winner counted in the shared bins.
 // The per-element arithmetic (router_exp, router_entropy) is the MK_HD code of router_stats.h
 // that the CPU kernel runs under test. Blocks flush bins to global memory with atomics (int64
-// counts through unsigned long long atomics). When G * E does not fit in shared memory the
+// counts through unsigned long long atomics). When G * E does not fit in shared memory
+// (router_stats_shared_plan in ../router_stats.h, opting in above 48 KiB where the device allows) the
 // warps add straight to global memory. aux_loss is formed from the reduced tensors with ATen.
 // Float atomics: the last bits of prob_sum / entropy_sum vary run to run (CPU is bitwise
 // deterministic). An out-of-range group id trips a device-side assert (no host sync).
@@ -31,7 +32,6 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int64_t kMaxExperts = 32 * 32;  // one chosen-bit per (lane, slot): 32 slots per lane
-constexpr int64_t kSharedBins = 4096;      // G * E floats + uints in shared memory (32 KiB)
 constexpr int kMaxLayersPerLaunch = 64;
 
 template <typename scalar_t>
@@ -269,18 +269,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_st
     const at::Tensor ids = group_ids.has_value() ? group_ids->contiguous() : at::Tensor();
     const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
     const bool* mask_ptr = m.defined() ? m.data_ptr<bool>() : nullptr;
-    const bool use_shared = num_groups * d.experts <= kSharedBins;
+    const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
     auto stream = at::cuda::getCurrentCUDAStream();
     auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
     auto* tokens_ptr = reinterpret_cast<unsigned long long*>(tokens.data_ptr<int64_t>());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_type, "router_stats_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      const size_t smem = use_shared ? static_cast<size_t>(num_groups * d.experts + num_groups) *
-                                           (sizeof(acc_t) + sizeof(unsigned int))
-                                     : 0;
+      // [G, E] + [G] bins of acc_t sums and uint counts; fp64 near G x E = 4,096 opts in above 48 KiB
+      const SharedMemPlan plan =
+          router_stats_shared_plan(num_groups, d.experts, static_cast<int64_t>(sizeof(acc_t)), optin);
+      const size_t smem = static_cast<size_t>(plan.bytes);
+      const bool use_shared = plan.use_shared;
       dispatch_index_cuda(ids, [&](auto index_tag) {
         using index_t = decltype(index_tag);
         const index_t* ids_ptr = ids.defined() ? ids.data_ptr<index_t>() : nullptr;
+        if (plan.opt_in) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(&router_stats_forward_kernel<scalar_t, acc_t, index_t, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(plan.bytes)));
+        }
         for (int64_t first = 0; first < d.layers; first += kMaxLayersPerLaunch) {
           const int64_t count = std::min<int64_t>(kMaxLayersPerLaunch, d.layers - first);
           LayerPointers<scalar_t> table{};

@@ -1,8 +1,9 @@
 // segment_sum, CUDA kernel.
 //
-// Grid-stride over rows. When num_segments * C fits in shared memory, each block bins into
-// shared memory and flushes once with global atomics (few global atomics even for 16 segments);
-// otherwise rows atomically add straight to global memory. fp32 accumulation.
+// Grid-stride over rows. When num_segments * C fits in shared memory (segment_sum_shared_plan in
+// ../segment_sum.h: at most 8,192 bins, opting in above the default 48 KiB where the device allows),
+// each block bins into shared memory and flushes once with global atomics (few global atomics even
+// for 16 segments); otherwise rows atomically add straight to global memory. fp32 accumulation.
 //
 // Behaviour on bad ids (documented in mixkernels.segment_sum): an out-of-range segment id trips
 // a device-side assert (as PyTorch's own index ops do), reported at the next synchronisation;
@@ -18,7 +19,6 @@ namespace mixkernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kSharedFloats = 8192;  // 32 KiB of bins + 4 KiB-ish counts per block
 
 template <typename scalar_t, typename index_t, bool kShared>
 __global__ void segment_sum_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ ids,
@@ -71,19 +71,23 @@ std::tuple<at::Tensor, at::Tensor> segment_sum_cuda(const at::Tensor& values, co
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
   const bool* mask_ptr = m.defined() ? m.data_ptr<bool>() : nullptr;
   auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-  const bool use_shared = num_segments * c <= kSharedFloats;
-  const size_t smem = use_shared ? static_cast<size_t>(num_segments * c) * sizeof(float) +
-                                       static_cast<size_t>(num_segments) * sizeof(unsigned int)
-                                 : 0;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const SharedMemPlan plan =
+      segment_sum_shared_plan(num_segments, c, static_cast<int64_t>(props->sharedMemPerBlockOptin));
+  const int sms = props->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 8);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "segment_sum_cuda", [&] {
     auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const auto* ids_ptr = ids.data_ptr<index_t>();
-      if (use_shared) {
-        segment_sum_kernel<scalar_t, index_t, true><<<blocks, kThreads, smem, stream>>>(
+      if (plan.use_shared) {
+        auto* kernel = &segment_sum_kernel<scalar_t, index_t, true>;
+        if (plan.opt_in) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(plan.bytes)));
+        }
+        kernel<<<blocks, kThreads, static_cast<size_t>(plan.bytes), stream>>>(
             v.data_ptr<scalar_t>(), ids_ptr, mask_ptr, n, c, num_segments, sums.data_ptr<float>(), counts_ptr);
       } else {
         segment_sum_kernel<scalar_t, index_t, false><<<blocks, kThreads, 0, stream>>>(

@@ -57,7 +57,10 @@ def _check(x, g, offsets, p_in, p_out) -> None:
                 f"mixkernels.{OP}: {name} must be [{tname}.shape[1] = {t.shape[1]}, k], got shape {tuple(p.shape)}"
             )
         check_same_device(OP, "x", x, name, p)
-    if offsets.device.type == "cpu" and not torch.compiler.is_compiling() and offsets.numel():
+    if not torch.compiler.is_compiling() and offsets.numel():
+        # CUDA offsets are checked on the host too: B + 1 integers (one small copy), where a bad
+        # offset would make the kernel read outside x / g
+        offsets = offsets if offsets.device.type == "cpu" else offsets.cpu()
         bad = (offsets[1:] < offsets[:-1]).nonzero()
         if bad.numel():
             b = int(bad[0, 0])

@@ -53,8 +53,10 @@ def _router_stats_kernel(
     dot = tl.sum(tl.where(ex > 0.0, ex * x, 0.0), axis=1)
     entropy = tl.where(row_ok, tl.log(s) - dot * inv, 0.0)
 
-    # top-k: k rounds of (max, lowest index attaining it); padding columns sit at -1 < any p
-    work = tl.where(col_ok[None, :], p, -1.0)
+    # top-k: k rounds of (max, lowest index attaining it); padding columns sit at -1 < any p. A NaN
+    # p (a row of all -inf logits, or +inf logits) ranks above every number, as in the reference's
+    # descending stable sort and the C++ kernels: an all -inf row picks experts 0..k-1, not none.
+    work = tl.where(col_ok[None, :], tl.where(p != p, 2.0, p), -1.0)  # noqa: PLR0124 (p != p: NaN)
     chosen = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.int64)
     for _ in range(top_k):
         best = tl.max(work, axis=1)

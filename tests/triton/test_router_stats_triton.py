@@ -78,3 +78,31 @@ def test_opcheck_triton_op():
     layers = [t.clone().requires_grad_() for t in z]
     torch.library.opcheck(torch.ops.mixkernels.router_stats_triton.default, (layers, 2, groups, 2, mask),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_all_neg_inf_rows_pick_the_first_experts_like_reference(top_k):
+    """A token whose router logits are all -inf has NaN probabilities; the reference (a descending
+    stable sort, NaN first) and the C++ kernels then count experts 0..k-1 for it. Triton agrees
+    (it used to count no expert for such a row)."""
+    z = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(3))
+    z[:, 2] = float("-inf")  # every layer: token 2 all -inf
+    z[1, 6] = float("-inf")  # layer 1: token 6 too
+    groups = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0])
+    with mixkernels.backend("triton"):
+        got = mixkernels.router_stats(z, top_k, group_ids=groups, num_groups=2)
+    with mixkernels.backend("reference"):
+        ref = mixkernels.router_stats(z, top_k, group_ids=groups, num_groups=2)
+    assert torch.equal(got.expert_counts, ref.expert_counts)
+    # every token routes to exactly k experts; the all -inf token 2 (group 0) to experts 0..k-1
+    assert got.expert_counts.sum(dim=(1, 2)).tolist() == [9 * top_k, 9 * top_k]
+    finite = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(3))
+    finite[:, 2] = 0.0  # the same tokens, token 2 replaced by a row that surely ranks 0..k-1 first
+    finite[1, 6] = 0.0
+    with mixkernels.backend("reference"):
+        tied = mixkernels.router_stats(finite, top_k, group_ids=groups, num_groups=2)
+    assert torch.equal(got.expert_counts, tied.expert_counts)
+    if not _backend.unavailable_reason("router_stats", "cpu", "cxx"):
+        with mixkernels.backend("cxx"):
+            cxx = mixkernels.router_stats(z, top_k, group_ids=groups, num_groups=2)
+        assert torch.equal(got.expert_counts, cxx.expert_counts)
