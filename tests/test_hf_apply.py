@@ -356,3 +356,12 @@ def test_trl_sft_trainer_same_parameters(tmp_path):
     torch.testing.assert_close(torch.tensor(l_fused), torch.tensor(l_plain), atol=1e-5, rtol=1e-5)
     for name, p in p_plain.items():
         torch.testing.assert_close(p_fused[name], p, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_generate_unchanged():
+    """Generation calls the forward without labels (and validates kwargs against its signature)."""
+    model = tiny("llama")
+    ids = batch()["input_ids"][:1, :5]
+    ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mkhf.apply(model)
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), ref)
