@@ -218,6 +218,23 @@ def hf_greedy_generate(model: torch.nn.Module, *, pad_token_id: int, eos_token_i
     return generate
 
 
+def task_items(domain: Any, max_examples: int) -> list[Any] | None:
+    """The benchmark items of a real-task domain's first ``max_examples`` dev rows (read back from
+    the token cache); ``None`` for other domains."""
+    rows = getattr(domain, "dev", None)
+    record = getattr(rows, "record", None)
+    if record is None or not len(rows):
+        return None
+    first = record(0)
+    if first.meta is None:
+        return None
+    import json
+
+    from .data.tasks import item_from_json
+
+    return [item_from_json(json.loads(record(i).meta)) for i in range(min(len(rows), max_examples))]
+
+
 class AccuracyEvaluator:
     """Scores the configured domains; call with a :data:`GenerateFn` (or a model) at eval steps.
 
@@ -237,8 +254,19 @@ class AccuracyEvaluator:
                  max_examples: int = 64, batch_size: int = 32, max_new_tokens: int | None = None,
                  rank: int = 0, world_size: int = 1) -> None:
         self.tokenizer = tokenizer
-        self.examples, self.skipped = build_examples(domains, tokenizer, only=only, max_examples=max_examples)
-        if not self.examples:
+        # real benchmark tasks are scored as their benchmarks score them (mixtrain.scoring)
+        self.tasks: dict[str, list[Any]] = {}
+        for d in domains:
+            if only is None or d.name in only:
+                items = task_items(d, max_examples)
+                if items:
+                    self.tasks[d.name] = items
+        rest = [d for d in domains if d.name not in self.tasks]
+        rest_only = None if only is None else [n for n in only if n not in self.tasks]
+        self.examples, self.skipped = build_examples(rest, tokenizer, only=rest_only, max_examples=max_examples)
+        self.task_metrics: dict[str, dict[str, float]] = {}
+        self._task_correct: dict[str, list[int]] = {}
+        if not self.examples and not self.tasks:
             names = [d.name for d in domains]
             raise ValueError(
                 f"eval.accuracy: no dev example can be scored in domains {names} (answer rules exist for "
@@ -247,7 +275,7 @@ class AccuracyEvaluator:
             )
         if self.skipped:
             log.warning("accuracy: skipped dev rows whose gold response has no answer: %s", self.skipped)
-        self.domains = sorted({e.domain for e in self.examples}, key=[d.name for d in domains].index)
+        self.domains = sorted({e.domain for e in self.examples} | set(self.tasks), key=[d.name for d in domains].index)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.rank, self.world_size = rank, world_size
@@ -284,8 +312,24 @@ class AccuracyEvaluator:
         self.last_correct = [bool(x) for x in correct.tolist()]
         out = {}
         for dom in self.domains:
+            if dom in self.tasks:
+                continue
             hits = [c for c, e in zip(self.last_correct, self.examples) if e.domain == dom]
             out[dom] = sum(hits) / len(hits)
+        return out
+
+    def score_tasks(self, model: torch.nn.Module) -> dict[str, float]:
+        """``{task domain: its primary metric}`` (every metric in :attr:`task_metrics`); each rank
+        scores all items, so every rank returns the same numbers."""
+        from .scoring import primary_metric, score_items
+
+        out = {}
+        for dom, items in self.tasks.items():
+            res = score_items(model, self.tokenizer, items, batch_size=self.batch_size)
+            self.task_metrics[dom] = {k: float(v) for k, v in res["metrics"].items()}
+            metric = primary_metric(items[0].kind)
+            out[dom] = float(res["metrics"][metric])
+            self._task_correct[dom] = [int(r["correct"][metric]) for r in res["items"]]
         return out
 
     def per_example(self) -> dict[str, dict[str, list[int]]]:
@@ -301,6 +345,8 @@ class AccuracyEvaluator:
             d = out.setdefault(e.domain, {"index": [], "correct": []})
             d["index"].append(e.index)
             d["correct"].append(int(c))
+        for dom, correct in self._task_correct.items():
+            out[dom] = {"index": list(range(len(correct))), "correct": correct}
         return out
 
     def _text(self, ids: Sequence[int]) -> str:
@@ -319,13 +365,20 @@ class AccuracyEvaluator:
         model.eval()
         gen = hf_greedy_generate(model, pad_token_id=self.tokenizer.pad_token_id,
                                  eos_token_id=_end_of_turn(self.tokenizer), device=device)
+        def run() -> dict[str, float]:
+            out = self(gen) if self.examples else {}
+            if not self.examples:
+                self.last_correct = []
+            out.update(self.score_tasks(model) if self.tasks else {})
+            return {d: out[d] for d in self.domains}
+
         try:
             if gather_zero3:
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                    return self(gen)
-            return self(gen)
+                    return run()
+            return run()
         finally:
             model.train(was_training)
 

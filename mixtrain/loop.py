@@ -493,6 +493,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
         rec0: dict[str, Any] = {"step": 0, "dev_loss": dict(zip(names, map(float, run_dev())))}
         if acc_eval is not None:
             rec0["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
+            if acc_eval.task_metrics:
+                rec0["dev_task_metrics"] = acc_eval.task_metrics
         metrics.write(rec0)
     interrupted: str | None = None
     slowest_step = 0.0
@@ -584,6 +586,8 @@ def _train(cfg: Config, info: Any, stopper: StopRequest, deadline: float | None)
                 rec["dev_loss"] = dict(zip(names, map(float, dev_now)))
             if do_acc:
                 rec["dev_accuracy"] = acc_eval.evaluate_model(model, device=device, gather_zero3=t.zero_stage == 3)
+                if acc_eval.task_metrics:
+                    rec["dev_task_metrics"] = acc_eval.task_metrics
             if is_last and info.is_main and (dev_rows is not None or acc_eval is not None):
                 # before metrics/checkpoint: a run whose last checkpoint exists also has this file
                 atomic_write_text(out / DEV_EXAMPLES_FILE, json.dumps({

