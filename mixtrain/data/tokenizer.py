@@ -337,12 +337,16 @@ class _ChatRenders:
             turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
             plan.append((len(turns), len(prefix_req), len(full_req)))
             prefix_req += [msgs[:i] for i in turns]
-            full_req += [msgs[: i + 1] for i in turns] + [msgs]
+            full_req += [msgs[: i + 1] for i in turns]
+            if not turns or turns[-1] != len(msgs) - 1:  # else the whole conversation is the last turn's
+                full_req.append(msgs)
         prefixes, fulls = self._render(prefix_req, True), self._render(full_req, False)
         out: list[tuple[list[str], list[str], str] | None] = []
-        for n, p0, f0 in plan:
-            p, f = prefixes[p0:p0 + n], fulls[f0:f0 + n + 1]
-            out.append(None if any(x is None for x in p + f) else (p, f[:n], f[n]))  # type: ignore[arg-type]
+        for (n, p0, f0), msgs in zip(plan, convs):
+            p = prefixes[p0:p0 + n]
+            f = fulls[f0:f0 + n + (msgs[-1]["role"] != "assistant")]
+            whole = f[-1] if len(f) > n else f[n - 1]
+            out.append(None if any(x is None for x in p + f) else (p, f[:n], whole))  # type: ignore[arg-type]
         return out
 
 
