@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=300, help="items per task (first N of the dev split)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--accuracy", nargs="*", default=None, help="tasks whose dev accuracy is reported")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (GSM8K, TriviaQA)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the whole-sequence timing")
     args = ap.parse_args()
 
@@ -68,7 +69,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.accuracy:
         items = load_task(name)["dev"][: args.items]
-        res = scoring.score_items(model, tok, items, batch_size=args.batch_size)
+        res = scoring.score_items(model, tok, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         for metric, value in res["metrics"].items():
             print(f"| {name} | {len(items)} | {metric} | {value:.3f} | {res['seconds']:.0f} |", flush=True)
 
