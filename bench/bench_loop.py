@@ -187,7 +187,7 @@ def child_hf(a: argparse.Namespace) -> None:
             learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             weight_decay=0.0, report_to=[], logging_steps=10**6, save_strategy="no", deepspeed=ds_cfg,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
-            group_by_length=bool(a.group_by_length),
+            **_length_grouping(TrainingArguments, bool(a.group_by_length)),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting_collate,
                           callbacks=[cb, Marks()])
@@ -197,6 +197,17 @@ def child_hf(a: argparse.Namespace) -> None:
     n = a.steps - a.warmup
     print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak})}",
           flush=True)
+
+
+def _length_grouping(args_cls: type, on: bool) -> dict:
+    """HF's own length grouping: ``train_sampling_strategy`` (transformers 5.x) or ``group_by_length`` (4.x)."""
+    if not on:
+        return {}
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names else \
+        {"group_by_length": True}
 
 
 def child_load(a: argparse.Namespace) -> None:
