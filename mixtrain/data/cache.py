@@ -506,6 +506,8 @@ def _prepare_one(spec: DomainSpec, tok: ByteTokenizer | HFTokenizer, cache_dir: 
                     os.replace(tmp, folder)
                 except OSError as e:
                     shutil.rmtree(tmp, ignore_errors=True)
+                    if e.filename is not None and not str(e.filename).startswith(str(tmp)):
+                        raise DataError(f"domain {spec.name!r}: {e.filename}: {e.strerror or e}") from None
                     raise DataError(
                         f"domain {spec.name!r}: cannot write its token cache in {cache_dir}: {e.strerror or e}; free "
                         "some space or set data.cache_dir to a disk with room (nothing partial was kept)"
