@@ -261,6 +261,12 @@ class AccuracyEvaluator:
                 items = task_items(d, max_examples)
                 if items:
                     self.tasks[d.name] = items
+        if self.tasks and not hasattr(tokenizer, "render_chat"):
+            raise ValueError(
+                f"eval.accuracy: benchmark task domains {sorted(self.tasks)} are scored through the model's chat "
+                f"template, but the tokenizer is {type(tokenizer).__name__}; use a model with an HF tokenizer, or "
+                "leave these domains out of eval.accuracy_domains"
+            )
         rest = [d for d in domains if d.name not in self.tasks]
         rest_only = None if only is None else [n for n in only if n not in self.tasks]
         self.examples, self.skipped = build_examples(rest, tokenizer, only=rest_only, max_examples=max_examples)
