@@ -90,30 +90,17 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else cache_root() / "data"
 
 
-def _file_hash(path: Path) -> str:
-    """64-bit xxHash (xxh3) of a file, read in blocks (no memory map: the pages do not count
-    towards the process's resident memory)."""
+def _file_hash(path: Path, bits: int = 64) -> str:
+    """xxHash (xxh3, 64 or 128 bits) of a file, read in blocks (no memory map: the pages do not
+    count towards the process's resident memory)."""
     import xxhash
 
-    h = xxhash.xxh3_64()
+    h = xxhash.xxh3_64() if bits == 64 else xxhash.xxh3_128()
     buf = bytearray(max(1, min(_HASH_BLOCK, path.stat().st_size)))
     view = memoryview(buf)
     with open(path, "rb") as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
+        while n := f.readinto(buf):
             h.update(view[:n])
-    return h.hexdigest()
-
-
-def _content_hash(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -126,7 +113,7 @@ def fingerprint_inputs(spec: DomainSpec, tok: ByteTokenizer | HFTokenizer, *, ma
         for p in paths:
             f = Path(p).resolve()
             try:
-                entries.append([str(f), f.stat().st_size, _content_hash(f)])
+                entries.append([str(f), f.stat().st_size, _file_hash(f, 128)])
             except OSError as e:
                 raise DataError(f"{f}: cannot be read: {e.strerror or e}") from None
         files[part] = entries
