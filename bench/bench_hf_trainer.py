@@ -101,7 +101,9 @@ def run_child(variant: str, a: argparse.Namespace, out: str) -> dict:
            "--batch", str(a.batch), "--seq", str(a.seq), "--threads", str(a.threads), "--out", out]
     if a.tiny:
         cmd.append("--tiny")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    from mixtrain.engine import standalone_env
+
+    env = {**standalone_env(), "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT="):

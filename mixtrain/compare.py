@@ -69,7 +69,7 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, load_config
-from .engine import default_accelerator
+from .engine import default_accelerator, standalone_env
 from .stats import RatioData, holm, paired_bootstrap, paired_t, sign_flip, t_interval
 
 __all__ = [
@@ -348,12 +348,8 @@ def _launch(job: _Job, config: str, python: str) -> None:
              seed=job.seed, attempts=int(m.get("attempts", 0)) + 1, command=shlex.join(cmd))
     m.setdefault("wall_time", 0.0)
     _write_marker(job.run_dir, m)
-    env = dict(os.environ)
+    env = standalone_env()  # each run is its own one-process job
     env.setdefault("DS_ACCELERATOR", default_accelerator())
-    # each run is its own one-process job: a rendezvous inherited from the caller (e.g. a process
-    # that trained in-process and so set MASTER_PORT) would make every run bind the same port
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     with open(job.run_dir / "train.log", "a", encoding="utf-8") as logf:
         logf.write(f"\n==== attempt {m['attempts']}: {shlex.join(cmd)}\n")
         logf.flush()

@@ -58,6 +58,19 @@ class DistInfo:
         return self.rank == 0
 
 
+# The variables a torch.distributed rendezvous reads from the environment.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT")
+
+
+def standalone_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) without any rendezvous variables, for a child
+    process that must start its own job: a process that trained in-process (see
+    :func:`init_distributed`) still holds its one-rank store on ``MASTER_PORT``, and a child that
+    inherited it would try to bind the same port."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in RENDEZVOUS_VARS}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

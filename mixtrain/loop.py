@@ -166,7 +166,12 @@ def _check_start(cfg: Config, policy: policies.MixingPolicy, enc: list[Any]) -> 
 def describe_changes(old: Any, new: Any, where: str = "") -> list[str]:
     """Human-readable differences between two JSON-like values (``a.b[2]: x -> y``), at most 5."""
     out: list[str] = []
-    if isinstance(old, dict) and isinstance(new, dict):
+    if isinstance(old, dict) and isinstance(new, dict) and "path" in old and old.get("path") == new.get("path"):
+        # a file's entry: name the file in each of its changes
+        rest = describe_changes({k: v for k, v in old.items() if k != "path"},
+                                {k: v for k, v in new.items() if k != "path"}, where)
+        out += [f"{c} (file {old['path']})" for c in rest]
+    elif isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
             key = f"{where}.{k}" if where else str(k)
             if k not in old:

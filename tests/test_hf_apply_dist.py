@@ -15,8 +15,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from mixtrain.engine import standalone_env  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _free_port() -> int:
@@ -26,7 +27,7 @@ def _free_port() -> int:
 
 
 def _run(framework: str, out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env = standalone_env()
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "tests._hf_apply_dist_worker", framework, str(out)]

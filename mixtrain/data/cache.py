@@ -113,7 +113,7 @@ def fingerprint_inputs(spec: DomainSpec, tok: ByteTokenizer | HFTokenizer, *, ma
         for p in paths:
             f = Path(p).resolve()
             try:
-                entries.append([str(f), f.stat().st_size, _file_hash(f, 128)])
+                entries.append({"path": str(f), "bytes": f.stat().st_size, "xxh3_128": _file_hash(f, 128)})
             except OSError as e:
                 raise DataError(f"{f}: cannot be read: {e.strerror or e}") from None
         files[part] = entries

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import yaml
 
+from mixtrain.engine import standalone_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
-    from test_loop import RENDEZVOUS_VARS  # a child run makes its own rendezvous
-
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env = standalone_env()  # a child run makes its own rendezvous
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
     env["OMP_NUM_THREADS"] = "2"

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from mixtrain.engine import standalone_env
+
 REPO = Path(__file__).resolve().parents[2]
 TIME_KEYS = {"step_time", "policy_time", "policy_time_pct"}
 
@@ -50,13 +52,8 @@ def _config(tmp: Path, name: str, **train) -> Path:
     return p
 
 
-RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _env() -> dict[str, str]:
-    # an in-process run earlier in this pytest process left its one-rank rendezvous in os.environ
-    # (its store still bound to MASTER_PORT): a child run must make its own
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env = standalone_env()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
     env["OMP_NUM_THREADS"] = "1"
