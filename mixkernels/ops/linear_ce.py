@@ -30,8 +30,9 @@ The [N, V] logits are never materialised: the ops work on ``chunk_size`` rows at
 
 Gradient design (documented in docs/linear_ce.md):
 * reduction "mean"/"sum" with grad enabled: the forward computes the gradients chunk by chunk
-  (3 GEMMs in total, the floor) for upstream gradient 1; the backward multiplies them by the
-  actual upstream scalar. Extra memory: grad_hidden [N, d] + an fp32 grad_weight accumulator
+  (3 GEMMs in total, the floor) for upstream gradient 1; the backward multiplies them in place by
+  the actual upstream scalar and hands them to autograd (a second backward through the same graph
+  recomputes them like reduction "none" does). Extra memory: grad_hidden [N, d] + an fp32 grad_weight accumulator
   [V, d] (the sizes of the gradients themselves) + one [chunk, V] fp32 logits chunk.
 * reduction "none": the forward saves only the fp32 log-sum-exp [N]; the backward recomputes each
   chunk's logits and applies the arbitrary per-token upstream gradient (4 GEMMs in total).
@@ -333,14 +334,14 @@ def loss_options(inputs, start: int) -> tuple[float, float, float]:
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, _g, _ng, ignore_index, label_smoothing, reduction, chunk, compute_grad = inputs[:11]
     lse, grad_hidden, grad_weight, grad_bias = output[2], output[5], output[6], output[7]
-    ctx.precomputed = bool(compute_grad) and reduction != 0
     ctx.options = (ignore_index, label_smoothing, reduction, chunk)
     ctx.loss_options = loss_options(inputs, 12)
     ctx.has_bias = bias is not None
-    if ctx.precomputed:
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    else:
-        ctx.save_for_backward(hidden, weight, labels, bias, lse)
+    # The forward's gradients for upstream 1 (reduction mean/sum), handed over by the first backward;
+    # detached, so that holding them makes no reference cycle through the graph.
+    ctx.grads = ((grad_hidden.detach(), grad_weight.detach(), grad_bias.detach())
+                 if bool(compute_grad) and reduction != 0 else None)
+    ctx.save_for_backward(hidden, weight, labels, bias, lse)
 
 
 def _make_backward(backward_op):
@@ -349,16 +350,20 @@ def _make_backward(backward_op):
         if grad_loss is None:
             return tuple(none)
         ignore_index, label_smoothing, reduction, chunk = ctx.options
-        if ctx.precomputed:
-            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-            scale = grad_loss.reshape(())
+        if ctx.grads is not None:
+            grad_hidden, grad_weight, grad_bias = ctx.grads
             if (ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])) and grad_weight.numel() == 0:
                 raise RuntimeError("mixkernels.linear_ce: called with weight_grad=False, but weight or bias "
                                    "requires grad; pass weight_grad=True (linear_cross_entropy decides this itself)")
-            none[0] = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-            none[1] = grad_weight * scale.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-            if ctx.has_bias and ctx.needs_input_grad[3]:
-                none[3] = grad_bias * scale.to(grad_bias.dtype)
+            # The first backward scales them in place and hands them to autograd: no second [V, d]
+            # buffer, and autograd adds a tied embedding's gradient into the same storage. A later
+            # backward through the same graph (retain_graph=True) recomputes them below instead.
+            ctx.grads = None
+            scale = grad_loss.reshape(())
+            eager = not torch.compiler.is_compiling() and type(grad_weight) is torch.Tensor  # not traced
+            for i, g in ((0, grad_hidden), (1, grad_weight), (3, grad_bias)):
+                if ctx.needs_input_grad[i] and (i != 3 or ctx.has_bias):
+                    none[i] = g.mul_(scale.to(g.dtype)) if eager else g * scale.to(g.dtype)
             return tuple(none)
         hidden, weight, labels, bias, lse = ctx.saved_tensors
         coef = _grad_token(labels, grad_loss, reduction, ignore_index)

@@ -243,7 +243,8 @@ def test_gradcheck_float64_options():
                 with mixkernels.backend(backend):
                     return mixkernels.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, chunk_size=3,
                                                            label_smoothing=0.1, **opts).loss
-            assert torch.autograd.gradcheck(f, (h, w, b))
+            # a repeated backward recomputes from the fp32 log-sum-exp (see test_linear_ce)
+            assert torch.autograd.gradcheck(f, (h, w, b), nondet_tol=1e-6)
 
             def fz(z, reduction=reduction, backend=backend):
                 with mixkernels.backend(backend):
