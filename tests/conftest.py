@@ -25,19 +25,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-from mixtrain.engine import RENDEZVOUS_VARS  # noqa: E402
-
-_RENDEZVOUS_AT_START = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
-    # A test that trained in-process left its one-rank rendezvous in os.environ (its store still
-    # bound to MASTER_PORT): later tests' child processes must not inherit it and bind that port.
-    for k, v in _RENDEZVOUS_AT_START.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from mixtrain.engine import standalone_env  # noqa: E402
+from mixtrain.engine import standalone_env
 
 REPO = Path(__file__).resolve().parents[1]
 

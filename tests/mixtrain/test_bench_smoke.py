@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mixtrain.engine import standalone_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_bench_loop_tiny(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    env = {**standalone_env(), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, "bench/bench_loop.py", "--tiny", "--no-csv"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -23,7 +24,7 @@ def test_bench_loop_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_bench_data_tiny(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**standalone_env(), "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "bench/bench_data.py", "--tiny", "--no-csv"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-4000:]

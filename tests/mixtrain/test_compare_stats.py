@@ -27,6 +27,7 @@ from mixtrain.compare import (
     write_comparison,
 )
 from mixtrain.config import ConfigError
+from mixtrain.engine import standalone_env
 from mixtrain.stats import RatioData, holm, paired_bootstrap, paired_t, sign_flip, t_interval
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,7 +375,7 @@ def _config(tmp_path: Path) -> Path:
 
 def test_compare_three_seeds_end_to_end(tmp_path: Path) -> None:
     cfg, out = _config(tmp_path), tmp_path / "cmp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**standalone_env(), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "mixtrain", "compare", str(cfg), "--policies", "uniform,random",
            "--seeds", "0,1,2", "--output", str(out), "--jobs", "2", "--bootstrap", "500"]
     res = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -29,6 +29,7 @@ from mixtrain.data import (
 )
 from mixtrain.data.packing import pack_bfd
 from mixtrain.data.sources import Domain, Record
+from mixtrain.engine import standalone_env
 from mixtrain.signals import causal_lm_loss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -388,7 +389,7 @@ def test_train_cli_with_packing(tmp_path):
     }
     p = tmp_path / "packed.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = dict(standalone_env(), PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "mixtrain", "train", str(p)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600, check=False)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mixtrain.engine import standalone_env
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -161,7 +163,7 @@ def test_dynamic_moe_two_ranks_zero3_probe_is_sharded_not_duplicated(runs, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**standalone_env(), "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(port), "-m", "mixtrain", "train", str(p)], check=False, cwd=repo, env=env,

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from mixtrain.engine import standalone_env
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,7 +88,7 @@ def test_routing_report_matches_output_router_logits(tmp_path):
 def test_router_stats_cli_last_layer_and_errors(tmp_path):
     cfg = tmp_path / "moe.yaml"
     cfg.write_text(yaml.safe_dump(_raw(tmp_path / "run")))
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**standalone_env(), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mixtrain", "router-stats", *args], cwd=REPO, env=env,

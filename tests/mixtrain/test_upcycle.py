@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from mixtrain.engine import standalone_env
 from mixtrain.upcycle import UpcycleError, upcycle
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -198,7 +199,7 @@ def test_unsupported_sources_and_existing_output(tmp_path: Path) -> None:
 
 
 def test_cli(dense_dir: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**standalone_env(), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "mixtrain", "upcycle", str(dense_dir), "--experts", "4", "--top-k", "2",
            "--out", str(tmp_path / "moe"), "--gap-rows", "2"]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
