@@ -177,6 +177,28 @@ def test_cross_entropy_options(device, backend, reduction, softcap, logit_scale,
 
 
 @pytest.mark.parametrize("device,backend", DB)
+@pytest.mark.parametrize("softcap", [30.0, 50.0])  # Gemma 2's final and attention caps
+@pytest.mark.parametrize("offset", [0.0, -1e4, 1e4])
+def test_softcap_at_realistic_caps_and_saturated_logits(device, backend, softcap, offset):
+    # logits spread over hundreds of units around 0 or pushed to -1e4 / +1e4 (every final logit
+    # then sits at -C or +C): loss and gradient stay those of the fp64 formula
+    g = torch.Generator().manual_seed(9)
+    z = (torch.randn(6, 301, generator=g) * 200 + offset).requires_grad_()
+    y = torch.randint(0, 301, (6,), generator=g)
+    y[2] = -100
+    with mixkernels.backend(backend):
+        out = on(device, mixkernels.cross_entropy)(z, y, softcap=softcap, z_loss=1e-4, label_smoothing=0.1,
+                                                   return_token_loss=True)
+    out.loss.backward()
+    loss, vjp = torch.func.vjp(lambda zd: eager_loss(zd, y, softcap=softcap, z_loss=1e-4, smoothing=0.1)[0],
+                               z.detach().double())
+    (gz,) = vjp(torch.ones_like(loss))
+    fp32 = tol(torch.float32, device)
+    torch.testing.assert_close(out.loss.double(), loss, **fp32)
+    torch.testing.assert_close(z.grad.double(), gz, **fp32)
+
+
+@pytest.mark.parametrize("device,backend", DB)
 def test_hand_computed(device, backend):
     """Two tokens, V = 2, logits (0, 0) and (a, -a): lse = log 2 and log(2 cosh a') with a' the
     capped, scaled a; every number below is worked out by hand."""
