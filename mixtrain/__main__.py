@@ -339,7 +339,7 @@ def _print_accuracy_change(run_dir: str) -> None:
     if change is None:
         return
     first, last, acc = change
-    print(f"dev exact-match accuracy, step {first} -> step {last}:")
+    print(f"dev accuracy (exact match; benchmark tasks: their primary metric), step {first} -> step {last}:")
     for name, (a, b) in acc.items():
         print(f"  {name:<14} {100 * a:5.1f} % -> {100 * b:5.1f} %")
     mean = [sum(v[i] for v in acc.values()) / max(1, len(acc)) for i in (0, 1)]

@@ -220,8 +220,14 @@ def hf_greedy_generate(model: torch.nn.Module, *, pad_token_id: int, eos_token_i
 
 def task_items(domain: Any, max_examples: int) -> list[Any] | None:
     """The benchmark items of a real-task domain's first ``max_examples`` dev rows (read back from
-    the token cache); ``None`` for other domains."""
+    the token cache; the whole dev split, not the dev-loss rows ``data.max_dev_examples`` keeps);
+    ``None`` for other domains."""
     rows = getattr(domain, "dev", None)
+    cache = getattr(domain, "cache", None)
+    if cache is not None:
+        from .data.packing import Rows
+
+        rows = Rows(*cache.dev)
     record = getattr(rows, "record", None)
     if record is None or not len(rows):
         return None

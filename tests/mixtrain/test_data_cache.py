@@ -358,6 +358,7 @@ def test_accuracy_evaluator_scores_task_domains_like_the_benchmark(tmp_path, smo
 
     from mixtrain.accuracy import AccuracyEvaluator
     from mixtrain.data import rows_of, tasks
+    from mixtrain.data.packing import Rows
     from mixtrain.scoring import score_items
 
     try:
@@ -368,14 +369,17 @@ def test_accuracy_evaluator_scores_task_domains_like_the_benchmark(tmp_path, smo
                          builtin_seed=0)
     doms = prepare_domains(specs, smol, cache_dir=tmp_path / "c", max_length=256, train_on_prompt=False,
                            num_workers=1)
-    enc = [rows_of(d, packing=False, max_length=256) for d in doms]
+    # dev losses keep 2 rows per domain (data.max_dev_examples); accuracy reads the whole dev split
+    enc = [rows_of(d, packing=False, max_length=256, max_dev_examples=2) for d in doms]
+    assert len(enc[0].dev) == 2
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=smol.vocab_size, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     ev = AccuracyEvaluator(enc, smol, max_examples=6, batch_size=4, max_new_tokens=4)
     got = ev.evaluate_model(model)
     assert list(got) == ["csqa", "lego_1"]
-    items = [tasks.item_from_json(json.loads(enc[0].dev.record(i).meta)) for i in range(6)]
+    full_dev = Rows(*doms[0].dev)
+    items = [tasks.item_from_json(json.loads(full_dev.record(i).meta)) for i in range(6)]
     want = score_items(model, smol, items, batch_size=4)["metrics"]
     assert got["csqa"] == want["acc_per_char"] and ev.task_metrics["csqa"] == pytest.approx(want)
     assert set(ev.task_metrics["csqa"]) >= {"acc_raw", "acc_per_char", "acc_letter"}
