@@ -316,6 +316,17 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
     return dec if dec is not None else getattr(m, "model", None)
 
 
+def adamw(params: list[torch.nn.Parameter], **kw: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel where the parameters' device has one (CPU and
+    CUDA; what HF ``Trainer`` uses by default), else the multi-tensor one. Same update rule; the
+    fused step makes no temporaries, where the per-tensor loop allocates (and, above glibc's mmap
+    threshold, page-faults in) a parameter-sized buffer for every large tensor at every step."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, foreach=True, **kw)
+
+
 def build_engine(cfg: Config, model: LossModel, world_size: int) -> tuple[Any, Any, Any, dict[str, Any]]:
     """``deepspeed.initialize`` with our config, an AdamW optimizer and a LambdaLR warmup+decay.
 
@@ -330,7 +341,7 @@ def build_engine(cfg: Config, model: LossModel, world_size: int) -> tuple[Any, A
     scheduler = None
     params = [p for p in model.parameters() if p.requires_grad]
     if "optimizer" not in ds_cfg:
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        optimizer = adamw(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     if "scheduler" not in ds_cfg:
         total = t.steps
 

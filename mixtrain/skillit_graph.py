@@ -40,7 +40,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data import collate_examples, encode_config_domains
-from .engine import build_model
+from .engine import adamw, build_model
 from .sampler import MixtureSampler
 from .signals import causal_lm_loss, dev_losses
 
@@ -142,7 +142,7 @@ def learn_graph(cfg: Config, *, steps: int = 10, mode: str = "binary", out: str 
         model.load_state_dict(start_state)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = adamw(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         w = np.zeros(d)
         w[list(skills)] = 1.0
         sampler = MixtureSampler(sizes, w, global_batch_size=mbs * ga, seed=t.seed,
