@@ -2,8 +2,9 @@
 data stream; and the cost of the per-domain loss signals.
 
 Times are process CPU seconds (user + system, all threads) of the steps after ``--warmup``,
-measured as a difference so start-up is excluded: on a shared machine wall time mostly measures
-the neighbours, CPU time measures the work. Wall times are printed too.
+measured inside one run in each trainer (between step boundaries), so start-up and the run's end
+are excluded: on a shared machine wall time mostly measures the neighbours, CPU time measures
+the work. Wall times are printed too.
 
 Both trainers run in fresh child processes (one rank, DeepSpeed CPU accelerator, gloo, fp32) on
 the same tiny Llama (random init, same seed), the same global sample stream (``MixtureDataset``
@@ -16,9 +17,10 @@ Signal overhead: one optimizer step of the mixtrain ``LossModel`` (forward, back
 with per-domain ``group_ids`` + the signal bus accumulate/all-reduce, against the same step
 without groups (``num_groups = 1``, no bus).
 
-Peak memory: growth of each child's peak RSS (``VmHWM``, reset just before the measured run,
-``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave RSS) over the whole measured run, model
-load included, in both trainers.
+Peak memory: growth of each child's peak RSS (``VmHWM``, reset just before the run,
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave RSS) through the measured steps, model
+load included, in both trainers (mixtrain's end-of-run checkpoint, which the HF child does not
+write, is after the last mark).
 
 The real pretrained model (``--model smollm2-135m-instruct``: SmolLM2-135M-Instruct, vocabulary
 49152, its own tokenizer and chat template) with ``--finetune lora`` (r = 16 on every attention
@@ -97,31 +99,36 @@ def _cpu() -> float:
 
 
 def child_mixtrain(a: argparse.Namespace) -> None:
-    """Two runs (``warmup`` and ``steps`` steps); the difference is the cost of the extra steps,
-    free of start-up (data, model build, DeepSpeed init)."""
+    """One run of ``steps + 1`` steps; CPU/wall time and input tokens between the starts of steps
+    ``warmup + 1`` and ``steps + 1`` (marked when the loop draws each step's batch): the cost of
+    ``steps - warmup`` training steps inside one run, as the HF child measures, free of start-up
+    and of the run's end (final evaluation and checkpoint). Peak RSS: up to the start of step
+    ``steps + 1`` (the HF child saves no checkpoint)."""
     from mixtrain.config import from_dict
     from mixtrain.loop import train
+    from mixtrain.sampler import MixtureSampler
 
-    res = {}
-    peak = 0.0
-    for n in (1, a.warmup, a.steps):  # the first run pays one-time costs (corpus parse, op builds)
-        with tempfile.TemporaryDirectory() as d:
-            raw = _config(a, d)
-            raw["train"]["steps"] = n
-            raw["train"]["save_model"] = False
-            if n == a.steps:
-                base = _peak_start()
-            c0, w0 = _cpu(), time.perf_counter()
-            train(from_dict(raw))
-            if n == a.steps:
-                peak = _peak_mb() - base
-            res[n] = (_cpu() - c0, time.perf_counter() - w0,
-                      json.loads((Path(d) / "metrics.jsonl").read_text().splitlines()[-1])["input_tokens"])
-    cpu = res[a.steps][0] - res[a.warmup][0]
-    wall = res[a.steps][1] - res[a.warmup][1]
-    toks = res[a.steps][2] - res[a.warmup][2]
+    marks: list[tuple[float, float, float]] = []
+    draw = MixtureSampler.next_global_batch
+
+    def marked(self, *args, **kw):
+        marks.append((_cpu(), time.perf_counter(), _peak_mb()))
+        return draw(self, *args, **kw)
+
+    MixtureSampler.next_global_batch = marked
+    with tempfile.TemporaryDirectory() as d:
+        raw = _config(a, d)
+        raw["train"]["steps"] = a.steps + 1
+        raw["train"]["save_model"] = False
+        base = _peak_start()
+        train(from_dict(raw))
+        recs = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: r["input_tokens"] for r in recs if "input_tokens" in r}
+    (c0, w0, _), (c1, w1, p1) = marks[a.warmup], marks[a.steps]
+    peak = p1 - base  # through the measured steps: model load and set-up included, the run's end not
+    toks = tokens[a.steps] - tokens[a.warmup]
     n = a.steps - a.warmup
-    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / cpu, 'cpu_step_s': cpu / n, 'wall_step_s': wall / n, 'peak_mb': peak})}",
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak})}",
           flush=True)
 
 
