@@ -128,7 +128,7 @@ def child_mixtrain(a: argparse.Namespace) -> None:
     peak = p1 - base  # through the measured steps: model load and set-up included, the run's end not
     toks = tokens[a.steps] - tokens[a.warmup]
     n = a.steps - a.warmup
-    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak})}",
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': toks / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak, 'setup_peak_mb': marks[0][2] - base})}",
           flush=True)
 
 
@@ -174,6 +174,7 @@ def child_hf(a: argparse.Namespace) -> None:
     ds_cfg["gradient_clipping"] = "auto"
     tokens: list[int] = []
     marks: dict[int, tuple[float, float, int]] = {}
+    setup: list[float] = []
     orig_collate = cb.collator
 
     def counting_collate(features):
@@ -184,6 +185,9 @@ def child_hf(a: argparse.Namespace) -> None:
     class Marks(TrainerCallback):
         # CPU/wall/tokens at the end of step `warmup` and of the last step: the difference is the
         # cost of the steps in between, free of start-up
+        def on_train_begin(self, args, state, control, **kw):
+            setup.append(_peak_mb())  # model, DeepSpeed engine and optimizer built, no step yet
+
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in (a.warmup, a.steps):
                 marks[state.global_step] = (_cpu(), time.perf_counter(), sum(tokens[:state.global_step * a.ga]))
@@ -202,7 +206,7 @@ def child_hf(a: argparse.Namespace) -> None:
     peak = _peak_mb() - base
     (c0, w0, t0), (c1, w1, t1) = marks[a.warmup], marks[a.steps]
     n = a.steps - a.warmup
-    print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak})}",
+    print(f"RESULT={json.dumps({'tokens_per_cpu_s': (t1 - t0) / (c1 - c0), 'cpu_step_s': (c1 - c0) / n, 'wall_step_s': (w1 - w0) / n, 'peak_mb': peak, 'setup_peak_mb': setup[0] - base})}",
           flush=True)
 
 
