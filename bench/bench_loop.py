@@ -148,6 +148,7 @@ def child_hf(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = from_dict(_config(a, "unused"))
+    base = _peak_start()  # as in the mixtrain child: tokenizer, data, model and engine set-up included
     tok = load_tokenizer(a.model) if a.model else ByteTokenizer()
     doms = load_domains(DOMAINS, {}, dev_fraction=0.0, builtin_size=200, builtin_seed=0)
     enc = encode_domains(doms, tok, max_length=a.seq)
@@ -157,7 +158,6 @@ def child_hf(a: argparse.Namespace) -> None:
     if a.group_by_length:  # HF's own answer to padding needs a map-style dataset: the same stream, drawn up front
         it = iter(ds)
         train_ds = [next(it) for _ in range(a.steps * a.mbs * a.ga)]
-    base = _peak_start()
     if a.model:  # the same directory mixtrain loads, through plain transformers (+ PEFT)
         model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32)
         if a.finetune == "lora":
